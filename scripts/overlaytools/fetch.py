@@ -1,0 +1,110 @@
+"""Fetch locked artifacts through pip into a shared cache, verified by sha256."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import OverlayError
+from .lock import Artifact
+
+CHUNK = 8 << 20
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("VLLM_OVERLAY_CACHE"):
+        return Path(os.environ["VLLM_OVERLAY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vllm-moe-overlay"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def sha256_of(fileobj: BinaryIO) -> str:
+    fileobj.seek(0)
+    digest = hashlib.sha256()
+    while chunk := fileobj.read(CHUNK):
+        digest.update(chunk)
+    fileobj.seek(0)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock, so concurrent builds share one cache safely."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_verified(artifact: Artifact, version: str, cache_dir: Path, offline: bool) -> BinaryIO:
+    """An open handle on the cached artifact, fetched if absent and checked by sha256.
+
+    The caller reads from this handle only, so a later change to the cache
+    file cannot alter what was verified.
+    """
+    store = cache_dir / "artifacts"
+    store.mkdir(parents=True, exist_ok=True)
+    path = store / artifact.filename
+    with _locked(store / f".{artifact.filename}.lock"):
+        if not path.exists():
+            if offline:
+                raise OverlayError(f"{artifact.filename} is not in the cache {store} (--offline)")
+            _download(artifact, version, store)
+        handle = open(path, "rb")
+        actual = sha256_of(handle)
+        if actual != artifact.sha256:
+            handle.close()
+            path.unlink()
+            raise OverlayError(
+                f"{path}: sha256 {actual} does not match the lock's {artifact.sha256}; "
+                "discarded it, run again to fetch it afresh"
+            )
+    return handle
+
+
+def _download(artifact: Artifact, version: str, store: Path) -> None:
+    if not artifact.is_wheel:
+        raise OverlayError(
+            f"{artifact.filename}: only wheels are fetched by this tool "
+            "(pip cannot download vLLM's sdist without building it)"
+        )
+    log(f"  fetching {artifact.filename} ({artifact.size / 1e6:.0f} MB) with pip")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=store, prefix=".fetch-") as tmp:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+            "--dest", tmp, *artifact.pip_target(), f"{artifact.project}=={version}",
+        ]  # fmt: skip
+        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")]
+            lines = errors or result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
+            reason = lines[-1]
+            raise OverlayError(f"pip could not download {artifact.filename}: {reason}")
+        fetched = Path(tmp) / artifact.filename
+        if not fetched.exists():
+            got = ", ".join(sorted(os.listdir(tmp))) or "nothing"
+            raise OverlayError(f"pip download gave {got}, not {artifact.filename}")
+        with open(fetched, "rb") as handle:
+            actual = sha256_of(handle)
+        if actual != artifact.sha256:
+            raise OverlayError(
+                f"downloaded {artifact.filename}: sha256 {actual} does not match the "
+                f"lock's {artifact.sha256}; discarded it"
+            )
+        os.replace(fetched, store / artifact.filename)
+    log(f"  fetched {artifact.filename} in {time.monotonic() - started:.1f} s")

@@ -1,0 +1,106 @@
+"""Apply the patch series to pristine files with `git apply` and compare with the overlay."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import OverlayError
+from .lock import REPO
+
+PATCHES = REPO / "patches"
+OVERLAY = REPO / "overlay"
+_DIFF_HEADER = re.compile(r"^diff --git a/(\S+) b/", re.M)
+_FAILED_AT = re.compile(r"patch failed: (\S+):(\d+)")
+
+
+def series(patches_dir: Path = PATCHES) -> list[Path]:
+    """The patches in the order `patches/series` lists them."""
+    listing = patches_dir / "series"
+    try:
+        names = [n for n in listing.read_text().split() if not n.startswith("#")]
+    except OSError as exc:
+        raise OverlayError(f"cannot read {listing}: {exc.strerror}") from None
+    missing = [n for n in names if not (patches_dir / n).is_file()]
+    if missing:
+        raise OverlayError(f"{listing} names missing patch(es): {', '.join(missing)}")
+    return [patches_dir / n for n in names]
+
+
+def touched_files(patches: list[Path]) -> list[str]:
+    """Repository-relative paths the patches change, in first-seen order."""
+    paths: dict[str, None] = {}
+    for patch in patches:
+        paths.update(dict.fromkeys(_DIFF_HEADER.findall(patch.read_text())))
+    return list(paths)
+
+
+def apply(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
+    """Pristine files + patches, applied in order by `git apply` (no fuzz, exact context)."""
+    with tempfile.TemporaryDirectory(prefix="overlay-apply-") as tmp:
+        root = Path(tmp)
+        for rel, data in pristine.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        # Keep git from treating an enclosing checkout as the tree to patch.
+        env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)}
+        for patch in patches:
+            result = subprocess.run(
+                ["git", "apply", "-p1", "--whitespace=nowarn", str(patch.resolve())],
+                cwd=root, env=env, capture_output=True, text=True,
+            )  # fmt: skip
+            if result.returncode != 0:
+                raise OverlayError(_describe_failure(patch, result.stderr))
+        return {rel: (root / rel).read_bytes() for rel in pristine}
+
+
+def _describe_failure(patch: Path, stderr: str) -> str:
+    failed = _FAILED_AT.search(stderr)
+    if not failed:
+        reason = stderr.strip().splitlines()[-1] if stderr.strip() else "git apply failed"
+        return f"{patch.name} does not apply: {reason}"
+    path, line = failed.group(1), failed.group(2)
+    return f"{patch.name}: hunk {_hunk_header(patch, path, line)} does not apply to {path}"
+
+
+def _hunk_header(patch: Path, path: str, old_start: str) -> str:
+    current = None
+    for text in patch.read_text().splitlines():
+        if text.startswith("diff --git "):
+            current = _DIFF_HEADER.match(text + "\n").group(1)
+        elif current == path and re.match(rf"@@ -{old_start}(,\d+)? ", text):
+            return "'" + text + "'"
+    return f"at line {old_start}"
+
+
+def overlay_mismatches(patched: dict[str, bytes], overlay_dir: Path = OVERLAY) -> str:
+    """A unified diff of every overlay file that differs from pristine + patches ('' if none)."""
+    out = []
+    for rel, expected in patched.items():
+        overlay_file = overlay_dir / rel
+        actual = overlay_file.read_bytes() if overlay_file.exists() else b""
+        if actual != expected:
+            out += difflib.unified_diff(
+                expected.decode().splitlines(keepends=True),
+                actual.decode().splitlines(keepends=True),
+                fromfile=f"pristine+patches/{rel}",
+                tofile=f"overlay/{rel}",
+            )
+    return "".join(out)
+
+
+def check(pristine: dict[str, bytes], patches: list[Path], overlay_dir: Path = OVERLAY) -> dict:
+    """Apply the series and require the overlay to equal the result; return the result."""
+    patched = apply(pristine, patches)
+    diff = overlay_mismatches(patched, overlay_dir)
+    if diff:
+        raise OverlayError(
+            "overlay differs from pristine + patches "
+            "(edit the overlay, then run scripts/refresh-patches)",
+            detail=diff,
+        )
+    return patched
