@@ -52,8 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    # An interrupt unwinds through the cleanup below, like any failure.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM unwinds like Ctrl-C, through the cleanup of the staged wheels.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         build(args)
     except OverlayError as exc:

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_LOCK = REPO / "upstream.lock.json"
 FLAVOURS = ("cuda", "cpu")
 ARCHES = ("x86_64", "aarch64")
+PIP_PYTHON_VERSION = "3.12"
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,12 @@ class Artifact:
     def pip_target(self) -> list[str]:
         """pip download arguments that select exactly this wheel's tags."""
         python_tag, abi_tag, platform_tag = self.filename[: -len(".whl")].split("-")[-3:]
-        version = python_tag[2] + "." + python_tag[3:]
         return [
             "--only-binary=:all:",
             f"--platform={platform_tag}",
-            f"--python-version={version}",
+            # Any Python the release supports: its abi3 wheels serve them all, and
+            # pip checks Requires-Python against this version.
+            f"--python-version={PIP_PYTHON_VERSION}",
             f"--implementation={python_tag[:2]}",
             f"--abi={abi_tag}",
         ]

@@ -1,0 +1,61 @@
+"""Shared by the build tests: the repo's paths, build.sh runs, raw zip member access."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import zipfile
+from pathlib import Path
+
+from overlaytools import fetch, lock
+
+REPO = Path(__file__).resolve().parents[1]
+DIST = REPO / "dist"
+PINS = lock.load()
+
+
+def cache_dir() -> Path:
+    return fetch.default_cache_dir()
+
+
+def upstream_path(artifact: lock.Artifact) -> Path:
+    """The cached upstream artifact, verified by sha256 before it is handed out."""
+    with fetch.open_verified(artifact, PINS.pin, cache_dir(), offline=True):
+        pass
+    return cache_dir() / "artifacts" / artifact.filename
+
+
+def built_wheel(artifact: lock.Artifact) -> Path:
+    version = PINS.patched_version(PINS.pin, artifact.flavour)
+    tags = artifact.filename[: -len(".whl")].split("-")[-3:]
+    return DIST / ("-".join(["vllm", version, *tags]) + ".whl")
+
+
+def run_build(*args: str, repo: Path = REPO, env: dict | None = None, **kwargs):
+    """build.sh from `repo` with extra arguments; output captured as text."""
+    return subprocess.run(
+        [str(repo / "build.sh"), *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, **kwargs,
+    )  # fmt: skip
+
+
+def copy_repo(dest: Path) -> Path:
+    """The files build.sh needs, copied so a test may damage them."""
+    dest.mkdir()
+    for name in ("build.sh", "upstream.lock.json"):
+        shutil.copy2(REPO / name, dest / name)
+    for name in ("scripts", "patches", "overlay"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def raw_member(path: Path, info: zipfile.ZipInfo) -> bytes:
+    """A member's local header fields after the signature, name, extra and compressed data."""
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        rest = fh.read(name_len + extra_len + info.compress_size)
+    return header + rest
