@@ -11,10 +11,9 @@ import signal
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
-from . import fetch, lock, patching, rewheel
+from . import fetch, lock, patching, rewheel, sources
 from .errors import OverlayError
 from .fetch import log
 
@@ -87,7 +86,7 @@ def build(args: argparse.Namespace) -> None:
         for n, artifact in enumerate(artifacts, 1):
             log(f"[{n}/{len(artifacts)}] {artifact.filename}")
             with fetch.open_verified(artifact, version, cache, args.offline) as source:
-                pristine = _pristine(source, members, artifact.filename)
+                pristine = sources.wheel_members(source, members, artifact.filename)
                 patched = patching.check(pristine, patches)
                 log(f"  sha256 ok; {len(patches)} patches apply; overlay matches")
                 if staging is None:
@@ -104,14 +103,6 @@ def build(args: argparse.Namespace) -> None:
             shutil.rmtree(staging, ignore_errors=True)
     what = "verified" if args.verify_only else f"built into {args.out_dir}"
     log(f"{len(artifacts)} wheel(s) {what} in {time.monotonic() - started:.1f} s")
-
-
-def _pristine(source, members: list[str], filename: str) -> dict[str, bytes]:
-    with zipfile.ZipFile(source) as zf:
-        missing = [m for m in members if m not in zf.NameToInfo]
-        if missing:
-            raise OverlayError(f"{filename} has no {', '.join(missing)}")
-        return {m: zf.read(m) for m in members}
 
 
 def _sha256(path: Path) -> str:

@@ -70,7 +70,7 @@ def open_verified(artifact: Artifact, version: str, cache_dir: Path, offline: bo
             handle.close()
             path.unlink()
             raise OverlayError(
-                f"{path}: sha256 {actual} does not match the lock's {artifact.sha256}; "
+                f"{path}: sha256 {actual} does not match {artifact.hash_from}'s {artifact.sha256}; "
                 "discarded it, run again to fetch it afresh"
             )
     return handle
@@ -82,7 +82,8 @@ def _download(artifact: Artifact, version: str, store: Path) -> None:
             f"{artifact.filename}: only wheels are fetched by this tool "
             "(pip cannot download vLLM's sdist without building it)"
         )
-    log(f"  fetching {artifact.filename} ({artifact.size / 1e6:.0f} MB) with pip")
+    size = f" ({artifact.size / 1e6:.0f} MB)" if artifact.size else ""
+    log(f"  fetching {artifact.filename}{size} with pip")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=store, prefix=".fetch-") as tmp:
         cmd = [
@@ -103,8 +104,8 @@ def _download(artifact: Artifact, version: str, store: Path) -> None:
             actual = sha256_of(handle)
         if actual != artifact.sha256:
             raise OverlayError(
-                f"downloaded {artifact.filename}: sha256 {actual} does not match the "
-                f"lock's {artifact.sha256}; discarded it"
+                f"downloaded {artifact.filename}: sha256 {actual} does not match "
+                f"{artifact.hash_from}'s {artifact.sha256}; discarded it"
             )
         os.replace(fetched, store / artifact.filename)
     log(f"  fetched {artifact.filename} in {time.monotonic() - started:.1f} s")

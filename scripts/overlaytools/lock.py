@@ -23,8 +23,9 @@ class Artifact:
     flavour: str  # cuda, cpu or sdist
     arch: str
     filename: str
-    size: int
+    size: int  # 0 when unknown
     sha256: str
+    hash_from: str = "the lock"  # who vouches for sha256, for error messages
 
     @property
     def is_wheel(self) -> bool:

@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OverlayError
@@ -39,23 +41,40 @@ def touched_files(patches: list[Path]) -> list[str]:
     return list(paths)
 
 
-def apply(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
-    """Pristine files + patches, applied in order by `git apply` (no fuzz, exact context)."""
+@contextmanager
+def _file_tree(files: dict[str, bytes]) -> Iterator[tuple[Path, dict[str, str]]]:
+    """`files` written under a temporary root, and an environment for git there."""
     with tempfile.TemporaryDirectory(prefix="overlay-apply-") as tmp:
         root = Path(tmp)
-        for rel, data in pristine.items():
+        for rel, data in files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
         # Keep git from treating an enclosing checkout as the tree to patch.
-        env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)}
+        yield root, {**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)}
+
+
+def _git_apply(root: Path, env: dict[str, str], patch: Path, *flags: str):
+    return subprocess.run(
+        ["git", "apply", "-p1", "--whitespace=nowarn", *flags, str(patch.resolve())],
+        cwd=root, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def apply(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
+    """Pristine files + patches, applied in order by `git apply` (no fuzz, exact context)."""
+    with _file_tree(pristine) as (root, env):
         for patch in patches:
-            result = subprocess.run(
-                ["git", "apply", "-p1", "--whitespace=nowarn", str(patch.resolve())],
-                cwd=root, env=env, capture_output=True, text=True,
-            )  # fmt: skip
+            result = _git_apply(root, env, patch)
             if result.returncode != 0:
                 raise OverlayError(_describe_failure(patch, result.stderr))
         return {rel: (root / rel).read_bytes() for rel in pristine}
+
+
+def check_applies(files: dict[str, bytes], patch: Path, reverse: bool = False) -> str:
+    """'' if `git apply --check` accepts the patch (reversed if asked), else why not."""
+    with _file_tree(files) as (root, env):
+        result = _git_apply(root, env, patch, "--check", *(["--reverse"] if reverse else []))
+    return "" if result.returncode == 0 else _describe_failure(patch, result.stderr)
 
 
 def _describe_failure(patch: Path, stderr: str) -> str:
@@ -99,8 +118,8 @@ def check(pristine: dict[str, bytes], patches: list[Path], overlay_dir: Path = O
     diff = overlay_mismatches(patched, overlay_dir)
     if diff:
         raise OverlayError(
-            "overlay differs from pristine + patches "
-            "(edit the overlay, then run scripts/refresh-patches)",
+            "overlay differs from pristine + patches: after editing an overlay run "
+            "scripts/refresh-patches; after editing a patch run scripts/refresh-patches --overlays",
             detail=diff,
         )
     return patched

@@ -1,0 +1,32 @@
+"""Upstream model files read from release wheels."""
+
+from __future__ import annotations
+
+import platform
+import zipfile
+from pathlib import Path
+from typing import BinaryIO
+
+from . import fetch, lock
+from .errors import OverlayError
+
+
+def host_arch() -> str:
+    """This machine's architecture if upstream ships wheels for it, else x86_64."""
+    machine = platform.machine()
+    return machine if machine in lock.ARCHES else "x86_64"
+
+
+def wheel_members(source: BinaryIO, members: list[str], filename: str) -> dict[str, bytes]:
+    with zipfile.ZipFile(source) as zf:
+        missing = [m for m in members if m not in zf.NameToInfo]
+        if missing:
+            raise OverlayError(f"{filename} has no {', '.join(missing)}")
+        return {m: zf.read(m) for m in members}
+
+
+def pinned_pristine(pins: lock.Lock, members: list[str], cache: Path, offline: bool) -> dict[str, bytes]:
+    """The pin's pristine files, from its (smallest) CPU wheel for this machine."""
+    (artifact,) = pins.wheels(pins.pin, ["cpu"], [host_arch()])
+    with fetch.open_verified(artifact, pins.pin, cache, offline) as source:
+        return wheel_members(source, members, artifact.filename)

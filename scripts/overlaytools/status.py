@@ -1,0 +1,150 @@
+"""scripts/upstream-status: is each patch still needed in a given vLLM release?"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from packaging.version import InvalidVersion, Version
+
+from . import detect, fetch, lock, patching, sources
+from .errors import OverlayError
+from .fetch import log
+
+PROG = "upstream-status"
+APPLIES, FIXED, CONFLICTS = "applies", "fixed", "conflicts"
+# pip does not widen --platform to older glibc levels, so list the plausible ones.
+MANYLINUX = range(17, 51)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    patch: str
+    state: str  # APPLIES, FIXED or CONFLICTS
+    reason: str
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="For each patch and each vLLM release: 'applies' (the bug is there "
+        "and the patch applies cleanly), 'fixed' (the release has the fix) or "
+        "'conflicts' (needs a forward-port or a look). Read from the release's own "
+        "code, which pip fetches (the release's wheel, hash-checked against the index).",
+    )
+    parser.add_argument("versions", nargs="*", metavar="VERSION",
+                        help="vLLM releases, or 'latest' [the pin and latest]")
+    parser.add_argument("--arch", choices=lock.ARCHES, default=sources.host_arch(),
+                        help="which release wheel to read [this machine's]")
+    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                        help="download cache [$VLLM_OVERLAY_CACHE or ~/.cache/vllm-moe-overlay]")
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        status(args)
+    except OverlayError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def status(args: argparse.Namespace) -> None:
+    pins = lock.load()
+    cache = args.cache_dir or fetch.default_cache_dir()
+    patches = patching.series()
+    requested = args.versions or [pins.pin, "latest"]
+    for spec in requested:
+        if spec != "latest":
+            _check_version(spec)
+    done = set()
+    for spec in requested:
+        version, artifact = _release_wheel(pins, spec, args.arch)
+        if version in done:
+            continue
+        done.add(version)
+        log(f"vLLM {version}: reading {artifact.filename}")
+        with fetch.open_verified(artifact, version, cache, offline=False) as source:
+            verdicts = [_verdict(patch, source, artifact.filename) for patch in patches]
+        _report(version, artifact, verdicts)
+
+
+def _check_version(spec: str) -> None:
+    try:
+        Version(spec)
+    except InvalidVersion:
+        raise OverlayError(f"{spec!r} is not a version (e.g. 0.22.0) or 'latest'") from None
+
+
+def _release_wheel(pins: lock.Lock, spec: str, arch: str) -> tuple[str, lock.Artifact]:
+    """The release's CUDA wheel: from the lock if locked, else as the index lists it."""
+    if spec in pins.releases:
+        return spec, pins.wheels(spec, ["cuda"], [arch])[0]
+    requirement = "vllm" if spec == "latest" else f"vllm=={spec}"
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        platforms = [f"--platform=manylinux_2_{n}_{arch}" for n in MANYLINUX]
+        cmd = [
+            sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps",
+            "--ignore-installed", "--disable-pip-version-check", "--only-binary=:all:",
+            *platforms, f"--python-version={lock.PIP_PYTHON_VERSION}", "--implementation=cp",
+            "--target", str(Path(tmp) / "target"), "--report", str(report), requirement,
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")]
+            reason = (errors or result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise OverlayError(f"no {arch} wheel of {requirement} on the index: {reason}")
+        (item,) = json.loads(report.read_text())["install"]
+    info = item["download_info"]
+    sha256 = info.get("archive_info", {}).get("hashes", {}).get("sha256")
+    if not sha256:
+        raise OverlayError(f"the index gives no sha256 for {info['url']}")
+    filename = unquote(Path(urlsplit(info["url"]).path).name)
+    version = item["metadata"]["version"]
+    return version, lock.Artifact("vllm", "cuda", arch, filename, 0, sha256, "the index")
+
+
+def _verdict(patch: Path, source, filename: str) -> Verdict:
+    try:
+        files = sources.wheel_members(source, patching.touched_files([patch]), filename)
+    except OverlayError as exc:
+        return Verdict(patch.name, CONFLICTS, str(exc))
+    findings = [detect.DETECTORS[rel](data.decode()) for rel, data in files.items()
+                if rel in detect.DETECTORS]  # fmt: skip
+    fixed = [f.reason for f in findings if f.state == detect.FIXED]
+    buggy = [f.reason for f in findings if f.state == detect.BUGGY]
+    if fixed and not buggy:
+        return Verdict(patch.name, FIXED, "; ".join(fixed))
+    if not buggy and not patching.check_applies(files, patch, reverse=True):
+        return Verdict(patch.name, FIXED, "the patch is already applied")
+    failure = patching.check_applies(files, patch).removeprefix(f"{patch.name}: ")
+    if not failure:
+        return Verdict(patch.name, APPLIES, "; ".join(buggy) or "applies with zero fuzz")
+    if buggy:
+        return Verdict(patch.name, CONFLICTS, f"{'; '.join(buggy)}, but {failure}: forward-port it")
+    unknown = "; ".join(f.reason for f in findings) or "no detector for its files"
+    return Verdict(patch.name, CONFLICTS, f"{failure}, and {unknown}: review by hand")
+
+
+def _report(version: str, artifact: lock.Artifact, verdicts: list[Verdict]) -> None:
+    print(f"vLLM {version} ({artifact.filename}, sha256 checked against {artifact.hash_from})")
+    width = max(len(v.patch) for v in verdicts)
+    for v in verdicts:
+        print(f"  {v.patch:<{width}}  {v.state:<9}  {v.reason}")
+    states = {v.state for v in verdicts}
+    if states == {FIXED}:
+        summary = f"every fix is upstream: on {version} the overlay is no longer needed"
+    elif CONFLICTS in states:
+        summary = f"the overlay needs a forward-port before it can patch {version}"
+    else:
+        summary = f"the overlay is still needed on {version}"
+    print(f"  => {summary}", flush=True)
