@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from build_helpers import PINS, REPO, cache_dir, copy_repo, run_build, upstream_path
+from build_helpers import PINS, REPO, copy_repo, run_build, upstream_path
 
 CPU_X86 = PINS.wheels(PINS.pin, ["cpu"], ["x86_64"])[0]
 CPU_ARM = PINS.wheels(PINS.pin, ["cpu"], ["aarch64"])[0]

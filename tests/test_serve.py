@@ -238,14 +238,14 @@ def test_pristine_server_runs_upstream_code(pristine_tp1, pristine_env, pristine
 
 def test_patched_matches_pristine_with_shared_experts(patched_tp1, pristine_tp1):
     assert patched_tp1.version == PATCHED_VERSION
-    for patched, pristine in zip(patched_tp1.completions, pristine_tp1.completions):
+    for patched, pristine in zip(patched_tp1.completions, pristine_tp1.completions, strict=True):
         assert patched.tokens == pristine.tokens
         assert patched.logprobs == pytest.approx(pristine.logprobs, abs=1e-4)
 
 
 def test_tensor_parallel_matches_single_process(patched_tp1, patched_tp2):
     assert patched_tp2.version == PATCHED_VERSION
-    for tp2, tp1 in zip(patched_tp2.completions, patched_tp1.completions):
+    for tp2, tp1 in zip(patched_tp2.completions, patched_tp1.completions, strict=True):
         assert tp2.tokens == tp1.tokens
         assert tp2.logprobs == pytest.approx(tp1.logprobs, abs=1e-3)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import os
 import shutil
 import signal
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import fetch, lock, patching, rewheel, sources
-from .errors import OverlayError
+from .errors import OverlayError, report
 from .fetch import log
 
 PROG = "build.sh"
@@ -37,15 +36,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="upstream release to patch; must be in the lock [the lock's pin]")
     parser.add_argument("--out-dir", type=Path, default=lock.REPO / "dist", metavar="DIR",
                         help="where the wheels and SHA256SUMS go [dist/]")
-    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                        help="download cache shared by builds [$VLLM_OVERLAY_CACHE or "
-                        "~/.cache/vllm-moe-overlay]")
     parser.add_argument("--lock", type=Path, default=lock.DEFAULT_LOCK, metavar="FILE",
                         help="lock file [upstream.lock.json]")
-    parser.add_argument("--offline", action="store_true",
-                        help="use only the cache; never run pip download")
     parser.add_argument("--verify-only", action="store_true",
                         help="check patches, overlays and pristine artifacts; write no wheel")
+    fetch.add_cache_options(parser)
     return parser.parse_args(argv)  # fmt: skip
 
 
@@ -56,10 +51,7 @@ def main(argv: list[str]) -> int:
     try:
         build(args)
     except OverlayError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        if exc.detail:
-            print(exc.detail, file=sys.stderr, end="" if exc.detail.endswith("\n") else "\n")
-        return 1
+        return report(PROG, exc)
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted; no wheel was written", file=sys.stderr)
         return 130

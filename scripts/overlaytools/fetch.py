@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import os
@@ -24,6 +25,14 @@ def default_cache_dir() -> Path:
         return Path(os.environ["VLLM_OVERLAY_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "vllm-moe-overlay"
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                        help="download cache shared by the tools [$VLLM_OVERLAY_CACHE or "
+                        "~/.cache/vllm-moe-overlay]")
+    parser.add_argument("--offline", action="store_true",
+                        help="use only the cache; never run pip download")  # fmt: skip
 
 
 def log(message: str) -> None:

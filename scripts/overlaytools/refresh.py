@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fetch, lock, patching, sources
-from .errors import OverlayError
+from .errors import OverlayError, report
 from .fetch import log
 
 PROG = "refresh-patches"
@@ -44,11 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode.add_argument("--overlays", action="store_true",
                       help="the other direction: rewrite overlay/ as pristine + patches/ "
                       "(after editing a patch by hand)")
-    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                        help="download cache [$VLLM_OVERLAY_CACHE or ~/.cache/vllm-moe-overlay]")
-    parser.add_argument("--offline", action="store_true",
-                        help="use only the cache; never run pip download")
-    return parser.parse_args(argv)  # fmt: skip
+    fetch.add_cache_options(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -56,10 +53,7 @@ def main(argv: list[str]) -> int:
     try:
         refresh(args)
     except OverlayError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        if exc.detail:
-            print(exc.detail, file=sys.stderr, end="" if exc.detail.endswith("\n") else "\n")
-        return 1
+        return report(PROG, exc)
     return 0
 
 

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 from packaging.version import InvalidVersion, Version
 
 from . import detect, fetch, lock, patching, sources
-from .errors import OverlayError
+from .errors import OverlayError, report
 from .fetch import log
 
 PROG = "upstream-status"
@@ -52,8 +52,7 @@ def main(argv: list[str]) -> int:
     try:
         status(args)
     except OverlayError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return report(PROG, exc)
     return 0
 
 
