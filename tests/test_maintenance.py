@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import re
 import subprocess
-import zipfile
 from pathlib import Path
 
 import pytest
-from build_helpers import PINS, REPO, copy_repo, run_build, upstream_path
-from overlaytools import detect, patching
+from build_helpers import PINS, REPO, cache_dir, copy_repo, run_build
+from overlaytools import detect, patching, sources
 from packaging.version import Version
 
 PATCHES = patching.series()
 GEMMA4, QWEN3 = (p.name for p in PATCHES)
 GEMMA4_FILE, QWEN3_FILE = patching.touched_files(PATCHES)
-CPU_WHEEL = PINS.wheels(PINS.pin, ["cpu"], ["x86_64"])[0]
 VERIFY = ["--verify-only", "--offline", "--flavour", "cpu", "--arch", "x86_64"]
 
 
@@ -30,8 +28,7 @@ def snapshot(repo: Path) -> dict[str, bytes]:
 
 
 def pristine(rel: str) -> str:
-    with zipfile.ZipFile(upstream_path(CPU_WHEEL)) as wheel:
-        return wheel.read(rel).decode()
+    return sources.pinned_pristine(PINS, [rel], cache_dir(), offline=True)[rel].decode()
 
 
 # ---- refresh-patches ------------------------------------------------------------------

@@ -35,6 +35,12 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
                         help="use only the cache; never run pip download")  # fmt: skip
 
 
+def pip_failure(result: subprocess.CompletedProcess) -> str:
+    """The line of a failed pip run that says why: its last ERROR line if any."""
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")]
+    return (errors or result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -101,10 +107,7 @@ def _download(artifact: Artifact, version: str, store: Path) -> None:
         ]  # fmt: skip
         result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
-            errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")]
-            lines = errors or result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
-            reason = lines[-1]
-            raise OverlayError(f"pip could not download {artifact.filename}: {reason}")
+            raise OverlayError(f"pip could not download {artifact.filename}: {pip_failure(result)}")
         fetched = Path(tmp) / artifact.filename
         if not fetched.exists():
             got = ", ".join(sorted(os.listdir(tmp))) or "nothing"

@@ -41,14 +41,19 @@ def touched_files(patches: list[Path]) -> list[str]:
     return list(paths)
 
 
+def write_files(root: Path, files: dict[str, bytes]) -> None:
+    """Write each repository-relative path of `files` under `root`."""
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
 @contextmanager
 def _file_tree(files: dict[str, bytes]) -> Iterator[tuple[Path, dict[str, str]]]:
     """`files` written under a temporary root, and an environment for git there."""
     with tempfile.TemporaryDirectory(prefix="overlay-apply-") as tmp:
         root = Path(tmp)
-        for rel, data in files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
+        write_files(root, files)
         # Keep git from treating an enclosing checkout as the tree to patch.
         yield root, {**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)}
 
@@ -103,13 +108,16 @@ def overlay_mismatches(patched: dict[str, bytes], overlay_dir: Path = OVERLAY) -
         overlay_file = overlay_dir / rel
         actual = overlay_file.read_bytes() if overlay_file.exists() else b""
         if actual != expected:
-            out += difflib.unified_diff(
-                expected.decode().splitlines(keepends=True),
-                actual.decode().splitlines(keepends=True),
-                fromfile=f"pristine+patches/{rel}",
-                tofile=f"overlay/{rel}",
-            )
+            out.append(text_diff(expected, actual, f"pristine+patches/{rel}", f"overlay/{rel}"))
     return "".join(out)
+
+
+def text_diff(old: bytes, new: bytes, fromfile: str, tofile: str) -> str:
+    """A unified diff of two versions of a text file."""
+    return "".join(difflib.unified_diff(
+        old.decode().splitlines(keepends=True), new.decode().splitlines(keepends=True),
+        fromfile=fromfile, tofile=tofile,
+    ))  # fmt: skip
 
 
 def check(pristine: dict[str, bytes], patches: list[Path], overlay_dir: Path = OVERLAY) -> dict:

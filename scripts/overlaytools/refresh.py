@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import subprocess
 import sys
@@ -88,13 +87,13 @@ def regenerate(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, byt
         work = Path(tmp) / "tree"
         git = _git_in(work)
         git("init", "-q")
-        _write_files(work, pristine)
+        patching.write_files(work, pristine)
         git("add", "-A")
         git("commit", "-q", "-m", "pristine")
         for patch in patches:
             message = read_message(patch)
             overlay = {rel: _overlay_file(rel) for rel in owned[patch]}
-            _write_files(work, overlay)
+            patching.write_files(work, overlay)
             git("add", "-A")
             if git("diff", "--cached", "--quiet", check=False).returncode == 0:
                 raise OverlayError(
@@ -177,12 +176,6 @@ def _git_in(work: Path):
     return git
 
 
-def _write_files(root: Path, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-
-
 def _replace(path: Path, data: bytes) -> bool:
     """Write `data` to `path` atomically; False if it already held exactly that."""
     if path.is_file() and path.read_bytes() == data:
@@ -212,15 +205,12 @@ def _write_overlays(patched: dict[str, bytes]) -> None:
 
 
 def _patch_diff(current: dict[str, bytes], fresh: dict[str, bytes]) -> str:
-    out = []
-    for name in sorted(set(current) | set(fresh)):
-        old, new = current.get(name, b""), fresh.get(name, b"")
-        if old != new:
-            out += difflib.unified_diff(
-                old.decode().splitlines(keepends=True), new.decode().splitlines(keepends=True),
-                fromfile=f"patches/{name}", tofile=f"refreshed/{name}",
-            )  # fmt: skip
-    return "".join(out)
+    return "".join(
+        patching.text_diff(current.get(name, b""), fresh.get(name, b""),
+                           f"patches/{name}", f"refreshed/{name}")
+        for name in sorted(set(current) | set(fresh))
+        if current.get(name) != fresh.get(name)
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

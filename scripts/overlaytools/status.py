@@ -99,8 +99,7 @@ def _release_wheel(pins: lock.Lock, spec: str, arch: str) -> tuple[str, lock.Art
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")]
-            reason = (errors or result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            reason = fetch.pip_failure(result)
             raise OverlayError(f"no {arch} wheel of {requirement} on the index: {reason}")
         (item,) = json.loads(report.read_text())["install"]
     info = item["download_info"]
