@@ -123,8 +123,11 @@ def header_and_message(patch: str) -> str:
 # ---- upstream-status: the detectors on known code ----------------------------------------
 
 
-@pytest.mark.parametrize("rel, detector", detect.DETECTORS.items(), ids=["gemma4", "qwen3"])
-def test_detectors_see_the_bug_in_pristine_and_the_fix_in_the_overlay(rel, detector):
+@pytest.mark.parametrize("patch", PATCHES, ids=["gemma4", "qwen3"])
+def test_detectors_see_the_bug_in_pristine_and_the_fix_in_the_overlay(patch):
+    """Each patch's Origin names the upstream fix whose detector judges it."""
+    ((rel, detector),) = detect.for_origin(patching.origin(patch.read_text()))
+    assert rel in patching.touched_files([patch])
     assert detector(pristine(rel)).state == detect.BUGGY
     assert detector((REPO / "overlay" / rel).read_text()).state == detect.FIXED
 
