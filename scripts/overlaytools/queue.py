@@ -32,7 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Edit the patch series as git commits. 'import' builds a git "
         "repository of the pinned release's pristine vllm/ sources (tag 'upstream') "
         "with one commit per patch; work there with plain git (commit, rebase -i "
-        "upstream, cherry-pick, am -3); 'export' writes patches/ and overlay/ back.",
+        "upstream, cherry-pick, am -3 --keep-non-patch); 'export' writes patches/ and "
+        "overlay/ back.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("import", "create the queue from patches/series"),
@@ -77,8 +78,6 @@ def import_queue(args: argparse.Namespace) -> None:
     try:
         git = gitrepo.Git(staging)
         git("init", "-q", "-b", BRANCH)
-        # So a maintainer's own `git am -3` keeps [Bugfix][Model] subject tags too.
-        git("config", "am.keepNonPatch", "true")
         log(f"writing {len(files):,} files of vLLM {pins.pin} from {artifact.filename}")
         patching.write_files(staging, files)
         git("add", "-A")
