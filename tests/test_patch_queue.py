@@ -4,6 +4,7 @@ the refusals that keep patches/, series and overlay/ one consistent whole."""
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 import shutil
@@ -12,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from build_helpers import PINS, copy_repo, run_build, run_script
+from build_helpers import PINS, cache_dir, copy_repo, run_build, run_script
 from overlaytools import patching, sources
 
 GEMMA4, QWEN3 = (p.name for p in patching.series())
@@ -43,8 +44,9 @@ def state(repo: Path) -> dict[str, bytes]:
             if p.is_file()}  # fmt: skip
 
 
+@functools.cache
 def pristine(rel: str) -> bytes:
-    return sources.release_sources(PINS, sources.fetch.default_cache_dir(), offline=True)[1][rel]
+    return sources.pinned_pristine(PINS, [rel], cache_dir(), offline=True)[rel]
 
 
 def blob_id(data: bytes) -> str:
@@ -242,45 +244,41 @@ def test_hand_edited_patch_of_a_shared_file_fails_check_until_exported(three_pat
 # ---- rework with plain git ---------------------------------------------------------------------
 
 
-def rebase(queue: Path, todo: str, tmp_path: Path) -> None:
-    """`git rebase -i upstream` with `todo` as the maintainer's edited list."""
+def rework(repo: Path, todo: str, tmp_path: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    """`git rebase -i upstream` with `todo` ({first} and {second} name the two commits)
+    as the maintainer's edited list, then export. The state before and the export."""
+    queue, before = repo / ".patch-queue", state(repo)
+    first, second = git(queue, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
     todo_file = tmp_path / "todo"
-    todo_file.write_text(todo)
+    todo_file.write_text(todo.format(first=first, second=second))
     git(queue, "rebase", "-q", "-i", "upstream", GIT_SEQUENCE_EDITOR=f"cp {todo_file}",
         GIT_EDITOR="true")  # fmt: skip
+    result = export(repo)
+    assert result.returncode == 0, result.stderr
+    overlays = [{k: v for k, v in files.items() if k.startswith("overlay/")}
+                for files in (before, state(repo))]  # fmt: skip
+    assert overlays[0] == overlays[1]
+    assert run_build("--verify-only", *ONE_WHEEL, repo=repo).returncode == 0
+    return before, result
 
 
 def test_reorder_exports_the_reordered_series(repo, tmp_path):
-    queue, before = repo / ".patch-queue", state(repo)
-    first, second = git(queue, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
-    rebase(queue, f"pick {second}\npick {first}\n", tmp_path)
-    result = export(repo)
-    assert result.returncode == 0, result.stderr
+    before, _ = rework(repo, "pick {second}\npick {first}\n", tmp_path)
     after = state(repo)
     renamed = {QWEN3: "0001" + QWEN3[4:], GEMMA4: "0002" + GEMMA4[4:]}
     assert (repo / "patches" / "series").read_text() == "".join(f"{renamed[n]}\n" for n in (QWEN3, GEMMA4))
     for old, new in renamed.items():  # -N patches carry no number: the bytes stay
         assert after[f"patches/{new}"] == before[f"patches/{old}"]
         assert f"patches/{old}" not in after
-    assert {k: v for k, v in after.items() if k.startswith("overlay/")} == \
-        {k: v for k, v in before.items() if k.startswith("overlay/")}  # fmt: skip
-    assert run_build("--verify-only", *ONE_WHEEL, repo=repo).returncode == 0
 
 
 def test_squash_exports_one_patch_with_both_messages(repo, tmp_path):
-    queue, before = repo / ".patch-queue", state(repo)
-    first, second = git(queue, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
-    rebase(queue, f"pick {first}\nsquash {second}\n", tmp_path)
-    result = export(repo)
-    assert result.returncode == 0, result.stderr
+    _, result = rework(repo, "pick {first}\nsquash {second}\n", tmp_path)
     (only,) = patching.series(repo / "patches")
     assert only.name == GEMMA4 and f"removed patches/{QWEN3}" in result.stderr
     text = only.read_text()
     assert "pull/42250" in text and "pull/40664" in text
     assert set(patching.touched_files([only])) == {"vllm/model_executor/models/gemma4.py", QWEN3_FILE}
-    assert {k: v for k, v in state(repo).items() if k.startswith("overlay/")} == \
-        {k: v for k, v in before.items() if k.startswith("overlay/")}  # fmt: skip
-    assert run_build("--verify-only", *ONE_WHEEL, repo=repo).returncode == 0
     assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
 
 
