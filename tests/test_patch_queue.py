@@ -241,6 +241,15 @@ def test_hand_edited_patch_of_a_shared_file_fails_check_until_exported(three_pat
     assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
 
 
+def test_dropping_the_third_patch_removes_its_patch_and_overlay_file(imported, three_patches, tmp_path):
+    repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
+    git(repo / ".patch-queue", "reset", "-q", "--hard", "HEAD~1")
+    result = export(repo)
+    assert result.returncode == 0, result.stderr
+    assert f"removed overlay/{DEEPSEEK_FILE}" in result.stderr
+    assert state(repo) == state(imported)
+
+
 # ---- rework with plain git ---------------------------------------------------------------------
 
 
