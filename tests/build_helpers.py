@@ -41,6 +41,12 @@ def run_build(*args: str, repo: Path = REPO, env: dict | None = None, **kwargs):
     )  # fmt: skip
 
 
+def run_script(repo: Path, script: str, *args: str, timeout: float = 600):
+    """scripts/<script> from `repo` with arguments; output captured as text."""
+    return subprocess.run([str(repo / "scripts" / script), *args], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
 def copy_repo(dest: Path) -> Path:
     """The files build.sh needs, copied so a test may damage them."""
     dest.mkdir()

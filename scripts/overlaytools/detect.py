@@ -8,6 +8,8 @@ backport line for line.
 from __future__ import annotations
 
 import ast
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 BUGGY, FIXED, UNKNOWN = "buggy", "fixed", "unknown"
@@ -55,10 +57,20 @@ def qwen3_gate(source: str) -> Finding:
     return Finding(BUGGY, "forward calls self.gate whether or not the router is internal")
 
 
+# Each detector belongs to one upstream fix, named by the pull request that a
+# patch's Origin field links; it reads the one file that fix changes.
 DETECTORS = {
-    "vllm/model_executor/models/gemma4.py": gemma4_routing,
-    "vllm/model_executor/models/qwen3_moe.py": qwen3_gate,
-}
+    "https://github.com/vllm-project/vllm/pull/42250":
+        ("vllm/model_executor/models/gemma4.py", gemma4_routing),
+    "https://github.com/vllm-project/vllm/pull/40664":
+        ("vllm/model_executor/models/qwen3_moe.py", qwen3_gate),
+}  # fmt: skip
+
+
+def for_origin(origin: str | None) -> list[tuple[str, Callable[[str], Finding]]]:
+    """The (file, detector) pairs of the upstream fixes an Origin field links."""
+    links = set(re.findall(r"https?://\S+", origin or ""))
+    return [found for pr, found in DETECTORS.items() if pr in links]
 
 
 def _gate_calls(forward: ast.FunctionDef) -> list[bool]:

@@ -18,6 +18,7 @@ PATCHES = REPO / "patches"
 OVERLAY = REPO / "overlay"
 _DIFF_HEADER = re.compile(r"^diff --git a/(\S+) b/", re.M)
 _FAILED_AT = re.compile(r"patch failed: (\S+):(\d+)")
+_ORIGIN = re.compile(r"^Origin: *(\S.*)$", re.M)
 
 
 def series(patches_dir: Path = PATCHES) -> list[Path]:
@@ -39,6 +40,30 @@ def touched_files(patches: list[Path]) -> list[str]:
     for patch in patches:
         paths.update(dict.fromkeys(_DIFF_HEADER.findall(patch.read_text())))
     return list(paths)
+
+
+def origin(message: str) -> str | None:
+    """The `Origin:` provenance field of a commit message or patch header, if any."""
+    found = _ORIGIN.search(message.split("\n---\n", 1)[0])
+    return found.group(1) if found else None
+
+
+def overlay_files(overlay_dir: Path = OVERLAY) -> list[str]:
+    """Repository-relative paths of every file under overlay/."""
+    if not overlay_dir.is_dir():
+        return []
+    return sorted(p.relative_to(overlay_dir).as_posix() for p in overlay_dir.rglob("*") if p.is_file())
+
+
+def refuse_strays(touched: list[str], overlay_dir: Path = OVERLAY) -> None:
+    """An overlay file that no patch changes would never reach a wheel: refuse it."""
+    strays = [rel for rel in overlay_files(overlay_dir) if rel not in touched]
+    if strays:
+        raise OverlayError(
+            f"{', '.join('overlay/' + rel for rel in strays)}: no patch in patches/series "
+            "changes it; add a patch for it with scripts/patch-queue (import, commit, export), "
+            "or delete it"
+        )
 
 
 def write_files(root: Path, files: dict[str, bytes]) -> None:
@@ -121,13 +146,16 @@ def text_diff(old: bytes, new: bytes, fromfile: str, tofile: str) -> str:
 
 
 def check(pristine: dict[str, bytes], patches: list[Path], overlay_dir: Path = OVERLAY) -> dict:
-    """Apply the series and require the overlay to equal the result; return the result."""
+    """Apply the series and require the overlay to equal the result, with no other
+    file in it; return the result."""
     patched = apply(pristine, patches)
+    refuse_strays(list(patched), overlay_dir)
     diff = overlay_mismatches(patched, overlay_dir)
     if diff:
         raise OverlayError(
             "overlay differs from pristine + patches: after editing an overlay run "
-            "scripts/refresh-patches; after editing a patch run scripts/refresh-patches --overlays",
+            "scripts/refresh-patches; after editing a patch run scripts/refresh-patches --overlays; "
+            "after working in the patch queue run scripts/patch-queue export",
             detail=diff,
         )
     return patched

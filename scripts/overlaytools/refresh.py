@@ -10,14 +10,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fetch, lock, patching, sources
+from . import fetch, gitrepo, lock, patching, sources, writeback
 from .errors import OverlayError, report
 from .fetch import log
 
 PROG = "refresh-patches"
-# The same options made the committed patches; together with an isolated git
-# configuration they make the output depend only on the files and messages.
-FORMAT_PATCH = ["format-patch", "-q", "--no-signature", "--zero-commit", "-N"]
 
 
 @dataclass(frozen=True)
@@ -60,52 +57,72 @@ def refresh(args: argparse.Namespace) -> None:
     pins = lock.load()
     patches = patching.series()
     members = patching.touched_files(patches)
+    patching.refuse_strays(members)
     cache = args.cache_dir or fetch.default_cache_dir()
     pristine = sources.pinned_pristine(pins, members, cache, args.offline)
     if args.overlays:
-        _write_overlays(patching.apply(pristine, patches))
+        writeback.overlays(patching.apply(pristine, patches))
         return
-    fresh = regenerate(pristine, patches)
-    current = {p.name: p.read_bytes() for p in patches}
     if args.check:
-        if list(fresh.items()) != list(current.items()):
-            raise OverlayError(
-                "patches/ does not match overlay/ + the pristine source: after editing an "
-                "overlay run scripts/refresh-patches; after editing a patch run "
-                "scripts/refresh-patches --overlays",
-                detail=_patch_diff(current, fresh),
-            )
-        log(f"{len(patches)} patches are up to date with overlay/")
+        check(pristine, patches)
         return
-    _write_patches(patches, fresh)
+    writeback.patches([p.name for p in patches], regenerate(pristine, patches))
+
+
+def check(pristine: dict[str, bytes], patches: list[Path]) -> None:
+    """The drift guard: the overlay is pristine + patches, and the patches are
+    stored as `git am` + `git format-patch` writes them (as refresh and export do)."""
+    patching.check(pristine, patches)
+    current = {p.name: p.read_bytes() for p in patches}
+    fresh = gitrepo.normalize(pristine, patches)
+    if list(fresh.items()) != list(current.items()):
+        fix = ("scripts/patch-queue import, then scripts/patch-queue export"
+               if _shared(patches) else "scripts/refresh-patches")  # fmt: skip
+        raise OverlayError(
+            f"patches/ is not in the form a refresh writes (after a hand edit?): run {fix}",
+            detail=_patch_diff(current, fresh),
+        )
+    log(f"{len(patches)} patches are up to date with overlay/")
 
 
 def regenerate(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
-    """format-patch output, one patch per existing patch: pristine -> overlay for its files."""
-    owned = _ownership(patches)
-    with tempfile.TemporaryDirectory(prefix="refresh-patches-") as tmp:
-        work = Path(tmp) / "tree"
-        git = _git_in(work)
-        git("init", "-q")
-        patching.write_files(work, pristine)
-        git("add", "-A")
-        git("commit", "-q", "-m", "pristine")
+    """format-patch output, one patch per existing patch: pristine -> overlay for its files.
+
+    A file that several patches change cannot be split from its one overlay
+    file; its hunks are kept as the patches have them, and an edit to it is
+    refused (the patch queue is the place for it).
+    """
+    shared = _shared(patches)
+    if shared:
+        applied = patching.apply(pristine, patches)
+        for rel, owners in shared.items():
+            if _overlay_file(rel) != applied[rel]:
+                raise OverlayError(
+                    f"overlay/{rel} is changed by several patches ({', '.join(owners)}); "
+                    "refresh-patches cannot tell which one an edit belongs to: undo the edit "
+                    "and make it in the patch queue (scripts/patch-queue import, commit, "
+                    "scripts/patch-queue export)"
+                )
+    with gitrepo.scratch_repo(pristine) as git:
         for patch in patches:
-            message = read_message(patch)
-            overlay = {rel: _overlay_file(rel) for rel in owned[patch]}
-            patching.write_files(work, overlay)
+            files = patching.touched_files([patch])
+            kept = [rel for rel in files if rel in shared]
+            if kept:
+                include = [f"--include={rel}" for rel in kept]
+                git("apply", "--whitespace=nowarn", *include, str(patch.resolve()))
+            own = [rel for rel in files if rel not in shared]
+            patching.write_files(git.work, {rel: _overlay_file(rel) for rel in own})
             git("add", "-A")
             if git("diff", "--cached", "--quiet", check=False).returncode == 0:
                 raise OverlayError(
-                    f"{patch.name}: {', '.join('overlay/' + rel for rel in owned[patch])} "
+                    f"{patch.name}: {', '.join('overlay/' + rel for rel in files)} "
                     "equals the pristine file; drop the patch from patches/series"
                 )
+            message = read_message(patch)
             env = {"GIT_AUTHOR_NAME": message.author, "GIT_AUTHOR_EMAIL": message.email,
                    "GIT_AUTHOR_DATE": message.date}  # fmt: skip
             git("commit", "-q", "-F", "-", input=message.text, env=env)
-        out = Path(tmp) / "out"
-        git(*FORMAT_PATCH, "-o", str(out), f"HEAD~{len(patches)}")
-        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        return gitrepo.read_patches(git, len(patches))
 
 
 def read_message(patch: Path) -> Message:
@@ -131,19 +148,13 @@ def read_message(patch: Path) -> Message:
                        f"{fields['Subject']}\n\n{body}")  # fmt: skip
 
 
-def _ownership(patches: list[Path]) -> dict[Path, list[str]]:
-    """Each patch's files; a file changed by two patches cannot be split from one overlay."""
-    owned, seen = {}, {}
+def _shared(patches: list[Path]) -> dict[str, list[str]]:
+    """Each file that several patches change -> the names of those patches."""
+    owners: dict[str, list[str]] = {}
     for patch in patches:
-        owned[patch] = patching.touched_files([patch])
-        for rel in owned[patch]:
-            if rel in seen:
-                raise OverlayError(
-                    f"{rel} is changed by both {seen[rel].name} and {patch.name}; "
-                    "refresh-patches needs each file in one patch"
-                )
-            seen[rel] = patch
-    return owned
+        for rel in patching.touched_files([patch]):
+            owners.setdefault(rel, []).append(patch.name)
+    return {rel: names for rel, names in owners.items() if len(names) > 1}
 
 
 def _overlay_file(rel: str) -> bytes:
@@ -151,57 +162,6 @@ def _overlay_file(rel: str) -> bytes:
     if not path.is_file():
         raise OverlayError(f"overlay/{rel} is missing")
     return path.read_bytes()
-
-
-def _git_in(work: Path):
-    """A git runner for `work` that ignores the user's and system's git configuration."""
-    work.mkdir(parents=True)
-    base_env = {
-        **os.environ,
-        "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CEILING_DIRECTORIES": str(work.parent),
-        "GIT_COMMITTER_NAME": "refresh-patches", "GIT_COMMITTER_EMAIL": "refresh-patches@invalid",
-        "GIT_COMMITTER_DATE": "2000-01-01T00:00:00+0000",
-        "GIT_AUTHOR_NAME": "refresh-patches", "GIT_AUTHOR_EMAIL": "refresh-patches@invalid",
-        "GIT_AUTHOR_DATE": "2000-01-01T00:00:00+0000",
-    }  # fmt: skip
-
-    def git(*args: str, input: str | None = None, env: dict | None = None, check: bool = True):
-        result = subprocess.run(["git", *args], cwd=work, env={**base_env, **(env or {})},
-                                input=input, capture_output=True, text=True)  # fmt: skip
-        if check and result.returncode != 0:
-            raise OverlayError(f"git {args[0]} failed: {result.stderr.strip()}")
-        return result
-
-    return git
-
-
-def _replace(path: Path, data: bytes) -> bool:
-    """Write `data` to `path` atomically; False if it already held exactly that."""
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return True
-
-
-def _write_patches(old: list[Path], fresh: dict[str, bytes]) -> None:
-    for name, data in fresh.items():
-        log(f"{'updated' if _replace(patching.PATCHES / name, data) else 'unchanged'} "
-            f"patches/{name}")  # fmt: skip
-    _replace(patching.PATCHES / "series", "".join(f"{n}\n" for n in fresh).encode())
-    for stale in old:
-        if stale.name not in fresh:  # a changed subject renames the file
-            stale.unlink()
-            log(f"removed patches/{stale.name}")
-
-
-def _write_overlays(patched: dict[str, bytes]) -> None:
-    for rel, data in patched.items():
-        path = patching.OVERLAY / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log(f"{'updated' if _replace(path, data) else 'unchanged'} overlay/{rel}")
 
 
 def _patch_diff(current: dict[str, bytes], fresh: dict[str, bytes]) -> str:

