@@ -120,14 +120,14 @@ class OverlayFinder(importlib.abc.MetaPathFinder):
         """The INFO line, once per process (a forked child inherits the finder)."""
         if self.announced_in != os.getpid():
             self.announced_in = os.getpid()
-            logger.info(self.announcement)
+            logger.info("%s [pid %d]", self.announcement, self.announced_in)
 
     def find_spec(self, fullname, path=None, target=None):
         file = self.files.get(fullname)
         if file is None:
             return None
         self.announce()
-        logger.debug("serving %s from %s", fullname, file)
+        logger.debug("serving %s from %s [pid %d]", fullname, file, os.getpid())
         return importlib.util.spec_from_file_location(fullname, file)
 
 
