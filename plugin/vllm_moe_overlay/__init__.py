@@ -12,7 +12,6 @@ Standard library only: loading the plugin imports neither torch nor vLLM.
 from __future__ import annotations
 
 import hashlib
-import importlib.abc
 import importlib.util
 import json
 import logging
@@ -108,8 +107,9 @@ def plan() -> Plan:
         f"(serving {names} from {FILES})"))])  # fmt: skip
 
 
-class OverlayFinder(importlib.abc.MetaPathFinder):
-    """Serves the target modules, under their own names, from the packaged files."""
+class OverlayFinder:
+    """A sys.meta_path finder: serves the target modules, under their own names, from
+    the packaged files."""
 
     def __init__(self, targets: list[Target], announcement: str) -> None:
         self.files = {t.module: t.packaged for t in targets}
