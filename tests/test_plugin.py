@@ -24,7 +24,6 @@ from build_helpers import (
 )  # fmt: skip
 from overlaytools import patching
 from packaging.utils import parse_wheel_filename
-from packaging.version import Version
 from plugin_helpers import (
     APPLIED, PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_WHEEL, installed_plugin, pristine_artifact,
     pristine_plugin_env, pristine_vllm,

@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OverlayError
@@ -59,6 +60,39 @@ class Git:
         """`git format-patch` of the revisions into `out`, in order."""
         self(*FORMAT_PATCH, "-o", str(out), revisions)
         return sorted(out.iterdir())
+
+
+@dataclass(frozen=True)
+class Message:
+    """A patch's authorship and commit message, as `git mailinfo` reads them."""
+
+    author: str
+    email: str
+    date: str
+    text: str  # subject, blank line, body
+
+
+def read_message(patch: Path) -> Message:
+    """Author, date and message of a format-patch file, via `git mailinfo -b`
+    (-b strips only [PATCH], keeping vLLM's [Bugfix][Model] subject tags)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        msg = Path(tmp) / "msg"
+        with open(patch, "rb") as stdin:
+            result = subprocess.run(
+                ["git", "mailinfo", "-b", str(msg), os.devnull],
+                stdin=stdin, capture_output=True, check=False,
+            )  # fmt: skip
+        if result.returncode != 0:
+            raise OverlayError(f"{patch.name}: git mailinfo failed: {result.stderr.decode().strip()}")
+        fields = dict(
+            line.split(": ", 1) for line in result.stdout.decode().splitlines() if ": " in line
+        )
+        missing = [f for f in ("Author", "Email", "Date", "Subject") if not fields.get(f)]
+        if missing:
+            raise OverlayError(f"{patch.name}: no {', '.join(missing)} in its header")
+        body = msg.read_text()
+        return Message(fields["Author"], fields["Email"], fields["Date"],
+                       f"{fields['Subject']}\n\n{body}")  # fmt: skip
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import json
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from . import refresh, rewheel
+from . import gitrepo, rewheel
 from .errors import OverlayError
 from .lock import REPO
 
@@ -78,7 +78,7 @@ def manifest(version: str, label: str, patches: list[Path], pristine: dict[str, 
         "vllm_version": version,
         "label": label,
         "patches": [
-            {"name": p.name, "subject": refresh.read_message(p).text.partition("\n")[0]}
+            {"name": p.name, "subject": gitrepo.read_message(p).text.partition("\n")[0]}
             for p in patches
         ],
         "modules": [

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import fetch, gitrepo, lock, patching, sources, writeback
@@ -15,16 +11,6 @@ from .errors import OverlayError, report
 from .fetch import log
 
 PROG = "refresh-patches"
-
-
-@dataclass(frozen=True)
-class Message:
-    """A patch's authorship and commit message, as `git mailinfo` reads them."""
-
-    author: str
-    email: str
-    date: str
-    text: str  # subject, blank line, body
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -118,34 +104,11 @@ def regenerate(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, byt
                     f"{patch.name}: {', '.join('overlay/' + rel for rel in files)} "
                     "equals the pristine file; drop the patch from patches/series"
                 )
-            message = read_message(patch)
+            message = gitrepo.read_message(patch)
             env = {"GIT_AUTHOR_NAME": message.author, "GIT_AUTHOR_EMAIL": message.email,
                    "GIT_AUTHOR_DATE": message.date}  # fmt: skip
             git("commit", "-q", "-F", "-", input=message.text, env=env)
         return gitrepo.read_patches(git, len(patches))
-
-
-def read_message(patch: Path) -> Message:
-    """Author, date and message of a format-patch file, via `git mailinfo -b`
-    (-b strips only [PATCH], keeping vLLM's [Bugfix][Model] subject tags)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        msg = Path(tmp) / "msg"
-        with open(patch, "rb") as stdin:
-            result = subprocess.run(
-                ["git", "mailinfo", "-b", str(msg), os.devnull],
-                stdin=stdin, capture_output=True, check=False,
-            )  # fmt: skip
-        if result.returncode != 0:
-            raise OverlayError(f"{patch.name}: git mailinfo failed: {result.stderr.decode().strip()}")
-        fields = dict(
-            line.split(": ", 1) for line in result.stdout.decode().splitlines() if ": " in line
-        )
-        missing = [f for f in ("Author", "Email", "Date", "Subject") if not fields.get(f)]
-        if missing:
-            raise OverlayError(f"{patch.name}: no {', '.join(missing)} in its header")
-        body = msg.read_text()
-        return Message(fields["Author"], fields["Email"], fields["Date"],
-                       f"{fields['Subject']}\n\n{body}")  # fmt: skip
 
 
 def _shared(patches: list[Path]) -> dict[str, list[str]]:
