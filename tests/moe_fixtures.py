@@ -22,7 +22,7 @@ VARIANTS_ENV = "VLLM_OVERLAY_MOE_VARIANTS"
 
 @dataclass(frozen=True)
 class Variant:
-    name: str  # a moe_layers.VARIANTS entry
+    name: str  # pristine, patched or plugin: see moe_layers.load_variant
     expect_bug: bool
 
 
@@ -56,7 +56,8 @@ def fixed_variant() -> str:
 
 @pytest.fixture(scope="module", params=_variants(), ids=lambda variant: variant.name)
 def variant(request) -> Variant:
-    """Every test runs on both: pristine 0.19.1 must show the bug, the build must not."""
+    """Every test runs on each variant: pristine 0.19.1 must show the bug; the
+    build, and pristine vLLM with the plugin (a run of its own), must not."""
     return request.param
 
 
