@@ -425,8 +425,8 @@ def _probe(path: str, dtype: str, moe_intermediate: int) -> None:
         block, _ = build_qwen3_block(module, config, seed=0)
         selected = selected_path(block.experts)
         print(f"selected: {selected}", flush=True)
-        if case.takes(selected):
-            run(block, config, torch.randn(4, HIDDEN, dtype=case.dtype))
+        if case.takes(selected):  # as many tokens as the largest test forward
+            run(block, config, torch.randn(64, HIDDEN, dtype=case.dtype))
             print("forward: ok", flush=True)
 
 
