@@ -6,6 +6,8 @@ per process however many test modules use it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,10 @@ import torch
 import moe_layers
 from moe_layers import KERNEL_CASES, KernelCase
 
-# The plugin test runs these modules again under pristine vLLM + the plugin.
+# The plugin test runs these modules again under pristine vLLM + the plugin,
+# handing over the kernel probes of its own run (the CPU and kernels are the same).
 VARIANTS_ENV = "VLLM_OVERLAY_MOE_VARIANTS"
+PROBES_ENV = "VLLM_OVERLAY_KERNEL_PROBES"
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,15 @@ _probes: dict[str, moe_layers.Probe] = {}
 def kernel_probes() -> dict[str, moe_layers.Probe]:
     """Every kernel case, tried once per test run in fresh processes."""
     if not _probes:
-        _probes.update(moe_layers.probe(KERNEL_CASES))
+        handed = os.environ.get(PROBES_ENV)
+        _probes.update({name: moe_layers.Probe(**fields) for name, fields in json.loads(handed).items()}
+                       if handed else moe_layers.probe(KERNEL_CASES))  # fmt: skip
     return _probes
+
+
+def probes_json() -> str:
+    """kernel_probes() for PROBES_ENV."""
+    return json.dumps({name: dataclasses.asdict(probe) for name, probe in kernel_probes().items()})
 
 
 def unavailable(name: str) -> str:

@@ -9,7 +9,7 @@ import re
 import subprocess
 
 from build_helpers import REPO
-from moe_fixtures import VARIANTS_ENV
+from moe_fixtures import PROBES_ENV, VARIANTS_ENV, probes_json
 from plugin_helpers import pristine_plugin_env
 from serve_helpers import VENV
 
@@ -19,7 +19,7 @@ BUG_TESTS = ["tests/test_gemma4_routing.py", "tests/test_qwen3_moe_block.py"]
 def test_bugs_are_gone_on_pristine_vllm_with_the_plugin():
     result = subprocess.run(
         [str(VENV / "bin/python"), "-m", "pytest", "-v", "-p", "no:cacheprovider", *BUG_TESTS],
-        cwd=REPO, env={**pristine_plugin_env(), VARIANTS_ENV: "plugin"},
+        cwd=REPO, env={**pristine_plugin_env(), VARIANTS_ENV: "plugin", PROBES_ENV: probes_json()},
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     report = result.stdout
