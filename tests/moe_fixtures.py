@@ -81,11 +81,16 @@ _probes: dict[str, moe_layers.Probe] = {}
 
 
 def kernel_probes() -> dict[str, moe_layers.Probe]:
-    """Every kernel case, tried once per test run in fresh processes."""
+    """Every kernel case, tried in fresh processes when a test first needs one."""
     if not _probes:
         handed = os.environ.get(PROBES_ENV)
         _probes.update({name: moe_layers.Probe(**fields) for name, fields in json.loads(handed).items()}
                        if handed else moe_layers.probe(KERNEL_CASES))  # fmt: skip
+    return _probes
+
+
+def probed() -> dict[str, moe_layers.Probe]:
+    """The probes this run made or was handed; none if no test needed them."""
     return _probes
 
 
@@ -94,31 +99,30 @@ def probes_json() -> str:
     return json.dumps({name: dataclasses.asdict(probe) for name, probe in kernel_probes().items()})
 
 
-def unavailable(name: str) -> str:
-    """Why this CPU does not run the kernel case ('' if it does)."""
+def outcome(name: str) -> str:
+    """What this CPU did with the kernel case, e.g. 'vLLM picks torch(linear)'."""
     case, probe = KERNEL_CASES[name], kernel_probes()[name]
-    where = f"on this CPU ({moe_layers.cpu_isa()})"
     if probe.death:
-        return f"{name}: {probe.selected or 'preparing the weights'} {probe.death} {where}"
-    if not case.takes(probe.selected):
-        return f"{name}: vLLM picks {probe.selected} for {case.dtype} {where}"
-    return ""
+        return f"{probe.selected or 'preparing the weights'} {probe.death}"
+    return f"{'runs' if case.takes(probe.selected) else 'vLLM picks'} {probe.selected}"
 
 
 def pytest_generate_tests(metafunc):
-    """The MoE tests run on each kernel case this CPU runs; test_kernel_cases.py
-    reports the others as skips, with the reason."""
+    """The MoE tests are collected for every kernel case; the `kernel` fixture
+    probes the cases when a test first needs one."""
     if "kernel" in metafunc.fixturenames:
-        runnable = [name for name in KERNEL_CASES if not unavailable(name)]
-        metafunc.parametrize("kernel", runnable, indirect=True, scope="module")
+        metafunc.parametrize("kernel", list(KERNEL_CASES), indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")
 def kernel(request) -> Kernel:
-    """A CPU MoE kernel case of vLLM 0.19.1 that this CPU runs, its env set."""
+    """A CPU MoE kernel case of vLLM 0.19.1, its env set; skipped, with what vLLM
+    did instead, where this CPU does not run it."""
     name = request.param
-    case = KERNEL_CASES[name]
+    case, probe = KERNEL_CASES[name], kernel_probes()[name]
+    if probe.death or not case.takes(probe.selected):
+        pytest.skip(f"{name}: {outcome(name)} for {case.dtype} on this CPU ({moe_layers.cpu_isa()})")
     with pytest.MonkeyPatch.context() as env:
         for key, value in case.env:
             env.setenv(key, value)
-        yield Kernel(name, case, kernel_probes()[name].selected)
+        yield Kernel(name, case, probe.selected)

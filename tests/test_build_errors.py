@@ -56,6 +56,7 @@ def seeded_cache(tmp_path: Path, *artifacts) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.mark.fast
 def test_help():
     result = run_build("--help")
     assert result.returncode == 0
@@ -63,12 +64,14 @@ def test_help():
         assert option in result.stdout
 
 
+@pytest.mark.fast
 def test_unknown_version(tmp_path):
     result = run_build("--vllm-version", "0.18.0", "--out-dir", str(tmp_path / "out"))
     assert "vllm 0.18.0 is not in the lock (locked: 0.19.1)" in error_line(result)
     assert_no_wheels(tmp_path / "out")
 
 
+@pytest.mark.fast
 def test_lock_without_the_entry(tmp_path):
     raw = json.loads((REPO / "upstream.lock.json").read_text())
     raw["releases"][PINS.pin] = [
@@ -83,6 +86,7 @@ def test_lock_without_the_entry(tmp_path):
     assert_no_wheels(tmp_path / "out")
 
 
+@pytest.mark.fast
 def test_tampered_download_is_named_and_discarded(tmp_path):
     # An index that serves a valid-looking wheel of the right name with other bytes.
     links = tmp_path / "links"
@@ -119,6 +123,7 @@ def test_truncated_cache_file_is_named_and_discarded(tmp_path):
     assert_no_wheels(tmp_path / "out")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mode", ["no-network", "offline"])
 def test_empty_cache_without_network(tmp_path, mode):
     flags = ["--offline"] if mode == "offline" else []

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from moe_fixtures import Kernel
 from moe_layers import HIDDEN, NUM_EXPERTS, TOP_K, build_gemma4_moe, gemma4_config, load_variant, vllm_config
-from vllm.config import VllmConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 pytest_plugins = ["moe_fixtures"]
 

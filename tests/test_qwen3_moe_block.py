@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 import torch.nn.functional as F
+from flops import count_flops
 from moe_fixtures import Kernel, fixed_variant
 from moe_layers import (
     HIDDEN,
@@ -23,7 +25,6 @@ from moe_layers import (
     SHARED_INTERMEDIATE,
     TOP_K,
     build_qwen3_block,
-    count_flops,
     counting_calls,
     load_pristine,
     load_variant,
@@ -32,7 +33,9 @@ from moe_layers import (
     run,
     vllm_config,
 )
-from vllm.config import VllmConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 pytest_plugins = ["moe_fixtures"]
 
@@ -140,17 +143,26 @@ def test_shared_experts_gate_runs_once(qwen3, variant, kernel, moe_workdir, coun
     assert_matches_reference(block, x, out)
 
 
-def test_without_shared_experts_output_is_pristine(qwen3, kernel, moe_workdir):
+def test_without_shared_experts_gate_runs_once(qwen3, kernel, moe_workdir):
+    """The bug needs shared experts: without them every variant runs the gate once."""
     block = build(qwen3, shared=False, workdir=moe_workdir, kernel=kernel, seed=1)
-    pristine = build(load_pristine("qwen3_moe", moe_workdir), False, moe_workdir, kernel, seed=1)
     x = tokens(block, 16, seed=2)
 
     with counting_calls(block.layer.gate) as gate_calls:
         out = block.forward(x)
 
     assert len(gate_calls) == 1
-    assert torch.equal(out, pristine.forward(x))
     assert_matches_reference(block, x, out)
+
+
+def test_without_shared_experts_the_fix_changes_nothing(moe_workdir, vllm_distributed, kernel):
+    """What carries the fix, against upstream's file loaded on its own: the same bits."""
+    pristine = build(load_pristine("qwen3_moe", moe_workdir), False, moe_workdir, kernel, seed=1)
+    fixed = build(load_variant(fixed_variant(), "qwen3_moe", moe_workdir), False, moe_workdir,
+                  kernel, seed=1)  # fmt: skip
+    assert fixed.layer.__class__.__module__ != pristine.layer.__class__.__module__
+    x = tokens(fixed, 16, seed=2)
+    assert torch.equal(fixed.forward(x), pristine.forward(x))
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "no-shared"])
@@ -159,7 +171,7 @@ def test_forward_flops(qwen3, variant, kernel, moe_workdir, shared):
     count = 16
     router_gemms = 2 if variant.expect_bug and shared else 1
     x = tokens(block, count, seed=3)
-    flops = count_flops(lambda: block.forward(x))
+    flops = count_flops(block.layer, lambda: block.forward(x))
     # The routed experts ran in the one op of the path vLLM picked.
     assert flops.custom_op_calls[path_op(kernel.selected)] == 1
     assert flops.total == expected_flops(block, count, router_gemms)
@@ -171,5 +183,6 @@ def test_build_saves_exactly_one_router_gemm(moe_workdir, vllm_distributed, kern
     patched = build(load_variant(fixed_variant(), "qwen3_moe", moe_workdir), shared, moe_workdir,
                     kernel)
     x = tokens(patched, 16, seed=4)
-    saved = count_flops(lambda: pristine.forward(x)).total - count_flops(lambda: patched.forward(x)).total
+    saved = (count_flops(pristine.layer, lambda: pristine.forward(x)).total
+             - count_flops(patched.layer, lambda: patched.forward(x)).total)
     assert saved == (2 * len(x) * HIDDEN * NUM_EXPERTS if shared else 0)

@@ -14,13 +14,11 @@ from pathlib import Path
 import plugin_helpers
 import pytest
 import requests
-import torch
 from build_helpers import PINS, REPO, upstream_path
 from serve_helpers import (
     SERVE_FLAGS, VENV, Completion, Server, assert_logprobs_close, greedy_completion,
     running_server, server_env, token_id,
 )  # fmt: skip
-from transformers import AutoTokenizer, Qwen3MoeForCausalLM
 
 PATCHED_VERSION = PINS.patched_version(PINS.pin, "cpu")
 PLAIN, SHARED = "qwen3-moe-tiny", "qwen3-moe-tiny-shared"
@@ -93,6 +91,8 @@ class TestPlainCheckpoint:
 
     @pytest.fixture(scope="class")
     def tokenizer(self, checkpoints):
+        from transformers import AutoTokenizer  # here, not at collection: it imports torch
+
         return AutoTokenizer.from_pretrained(checkpoints / PLAIN)
 
     def test_version_endpoint(self, server):
@@ -136,6 +136,9 @@ class TestPlainCheckpoint:
         assert chat_tokens == greedy_completion(server, PLAIN, prompt_ids, 8, 1).tokens
 
     def test_greedy_logprobs_match_transformers(self, server, tokenizer, checkpoints):
+        import torch
+        from transformers import Qwen3MoeForCausalLM
+
         model = Qwen3MoeForCausalLM.from_pretrained(checkpoints / PLAIN, dtype=torch.float32)
         for prompt in PROMPTS:
             prompt_ids = tokenizer(prompt)["input_ids"]
@@ -160,11 +163,13 @@ class TestPlainCheckpoint:
         assert len(greedy_completion(server, PLAIN, "ok", 2, 1).tokens) == 2
 
 
-@torch.no_grad()
 def transformers_greedy(model, prompt_ids: list[int], max_tokens: int, top_k: int) -> Completion:
+    import torch
+
     ids, tokens, logprobs, top = list(prompt_ids), [], [], []
     for _ in range(max_tokens):
-        step = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+        with torch.no_grad():
+            step = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
         token = int(step.argmax())
         best = step.topk(top_k)
         tokens.append(token)
