@@ -336,8 +336,8 @@ def qwen3_patch(repo: Path) -> Path:
     return patch
 
 
-def first_line(path: str) -> str:
-    return (REPO / "overlay" / path).read_text().splitlines()[0]
+def first_lines(path: str, count: int) -> list[str]:
+    return (REPO / "overlay" / path).read_text().splitlines()[:count]
 
 
 def git_section(header: str, body: str) -> str:
@@ -361,13 +361,13 @@ SERIES_CASES = {
         "@@ -1 +1 @@\n-a\n+b"), "vllm/_version.py is written by the build"),
     "deletes a target": (MESSAGE + git_section(
         f"diff --git a/{QWEN3} b/{QWEN3}\ndeleted file mode 100644\n--- a/{QWEN3}\n+++ /dev/null",
-        f"@@ -1 +0,0 @@\n-{first_line(QWEN3)}"), f"deletes {QWEN3}"),
+        f"@@ -1 +0,0 @@\n-{first_lines(QWEN3, 1)[0]}"), f"deletes {QWEN3}"),
     "renames a target": (MESSAGE + git_section(
         f"diff --git a/{QWEN3} b/{NEW_MODEL}\nsimilarity index 100%\nrename from {QWEN3}\nrename to {NEW_MODEL}",
         ""), f"renames {QWEN3} to {NEW_MODEL}"),
     "changes nothing": (MESSAGE + git_section(
         f"diff --git a/{QWEN3} b/{QWEN3}\n--- a/{QWEN3}\n+++ b/{QWEN3}",
-        f"@@ -1 +1 @@\n-{first_line(QWEN3)}\n+{first_line(QWEN3)}"), "changes no file of the wheel"),
+        "@@ -1,3 +1,3 @@\n {0}\n-{1}\n+{1}\n {2}".format(*first_lines(QWEN3, 3))), "changes no file of the wheel"),
 }  # fmt: skip
 
 
