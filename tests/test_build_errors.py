@@ -43,8 +43,9 @@ def error_line(result) -> str:
 
 
 def assert_no_wheels(out: Path) -> None:
-    leftovers = [p.name for p in out.iterdir() if p.name != ".lock"] if out.exists() else []
-    assert leftovers == []
+    """Nothing in `out`, and no staging directory left beside it."""
+    assert (list(out.iterdir()) if out.exists() else []) == []
+    assert list(out.parent.glob(f".{out.name}.staging-*")) == []
 
 
 def seeded_cache(tmp_path: Path, *artifacts) -> Path:
@@ -108,18 +109,21 @@ def test_tampered_download_is_named_and_discarded(tmp_path):
     assert_no_wheels(tmp_path / "out")
 
 
-def test_truncated_cache_file_is_named_and_discarded(tmp_path):
+def test_truncated_cache_file_is_named_and_not_used(tmp_path):
+    # --offline: the build did not download it, so it keeps it (a wrong lock must not
+    # cost a good file); online, a verified download would replace it.
     store = tmp_path / "cache" / "artifacts"
     store.mkdir(parents=True)
     cached = store / CPU_X86.filename
-    cached.write_bytes(upstream_path(CPU_X86).read_bytes()[: 1 << 20])
+    truncated = upstream_path(CPU_X86).read_bytes()[: 1 << 20]
+    cached.write_bytes(truncated)
     result = run_build(
         *ONE_CPU_WHEEL, "--offline", "--cache-dir", str(tmp_path / "cache"),
         "--out-dir", str(tmp_path / "out"),
     )  # fmt: skip
     line = error_line(result)
-    assert f"{cached}: sha256 " in line and CPU_X86.sha256 in line and "discarded" in line
-    assert not cached.exists()
+    assert f"{cached}: sha256 " in line and CPU_X86.sha256 in line and "not used" in line
+    assert cached.read_bytes() == truncated
     assert_no_wheels(tmp_path / "out")
 
 
@@ -184,13 +188,13 @@ def test_interrupted_build_leaves_no_partial_wheel(tmp_path, sig):
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while not list(out.glob(".staging-*/*.whl")):  # interrupt while the wheel is being written
+    while not list(out.parent.glob(f".{out.name}.staging-*/*.whl")):  # while a wheel is written
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.01)
     proc.send_signal(sig)
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode != 0
-    assert "build.sh: error: interrupted" in stderr
+    assert f"build.sh: error: interrupted; no wheel was written; {out} is unchanged" in stderr
     assert_no_wheels(out)
 
 

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,48 @@ NAME = "vllm_moe_overlay"  # the entry point's name: what VLLM_PLUGINS lists
 FILES = Path(__file__).resolve().parent / "files"
 # A child of vLLM's logger, so vLLM's handler formats these lines in its processes.
 logger = logging.getLogger(f"vllm.{NAME}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestError(ValueError):
+    """The packaged manifest cannot be trusted: the plugin must not act on it."""
 
 
 def manifest() -> dict:
-    """Written at build time: target release, label, patches, per-file sha256."""
-    return json.loads((Path(__file__).parent / "manifest.json").read_text())
+    """Written at build time: target release, label, patches, per-file sha256; validated."""
+    path = Path(__file__).parent / "manifest.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from None
+    problem = _manifest_problem(info)
+    if problem:
+        raise ManifestError(f"{path}: {problem}")
+    return info
+
+
+def _manifest_problem(info) -> str | None:
+    def strings(entry, keys):
+        return isinstance(entry, dict) and all(isinstance(entry.get(k), str) and entry[k] for k in keys)
+
+    if not strings(info, ("vllm_version", "label")):
+        return "vllm_version and label must be non-empty strings"
+    if not isinstance(info.get("patches"), list) or not info["patches"]:
+        return "patches must be a non-empty list"
+    if not all(strings(p, ("name", "subject")) for p in info["patches"]):
+        return "each patch needs a name and a subject"
+    if not isinstance(info.get("modules"), list) or not info["modules"]:
+        return "modules must be a non-empty list"
+    for m in info["modules"]:
+        if not strings(m, ("module", "path", "pristine_sha256", "patched_sha256")):
+            return "each module needs module, path, pristine_sha256 and patched_sha256 strings"
+        parts = m["path"].split("/")
+        if (parts[0] != "vllm" or not m["path"].endswith(".py") or ".." in parts
+                or m["module"] != m["path"][: -len(".py")].replace("/", ".")):  # fmt: skip
+            return f"module {m['module']!r} does not match its path {m['path']!r}"
+        if not all(_SHA256.fullmatch(m[k]) for k in ("pristine_sha256", "patched_sha256")):
+            return f"{m['module']}: a sha256 is not 64 lower-case hex digits"
+    return None
 
 
 @dataclass(frozen=True)
@@ -71,6 +109,8 @@ def installed_root() -> Path | None:
 def _sha256(path: Path) -> str:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
+    except IsADirectoryError:
+        return "a directory"
     except OSError:
         return "missing"
 
@@ -139,21 +179,35 @@ _registered_in: int | None = None
 
 
 def register() -> None:
-    """vLLM's entry point. Cheap, and safe to call again in the same or a forked process."""
+    """vLLM's entry point. Cheap, and safe to call again in the same or a forked process.
+
+    Never raises: vLLM does not catch a plugin's exception, so any failure here
+    is one ERROR line, and nothing is applied."""
     global _registered_in
     if _registered_in == os.getpid():
         return
     _registered_in = os.getpid()
+    try:
+        _register()
+    except Exception as exc:  # noqa: BLE001 - the plugin must never take vLLM down
+        cause = str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__}: {exc}"
+        logger.error("vllm-moe-overlay: not applied, nothing changed: %s", cause)
+
+
+def _register() -> None:
     finder = active_finder()
     if finder is not None:
         finder.announce()
         return
     decided = plan()
     if decided.action == "apply":
+        missing = [str(t.packaged) for t in decided.targets if not t.packaged.is_file()]
+        if missing:
+            raise FileNotFoundError(f"the plugin's copy {missing[0]} is missing")
         ((_, announcement),) = decided.records
         finder = OverlayFinder(decided.targets, announcement)
-        sys.meta_path.insert(0, finder)
         finder.announce()
+        sys.meta_path.insert(0, finder)  # last: nothing before it changes the process
         return
     for level, message in decided.records:
         logger.log(level, message)

@@ -13,12 +13,25 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import NAME, manifest, plan
+from . import NAME, ManifestError, installed_root, manifest, plan
 
 GROUP = "vllm.general_plugins"
 
 
 def main() -> int:
+    """Never a traceback: any failure is one line and result NOT fixed (exit 1)."""
+    try:
+        fixed = check()
+    except Exception as exc:  # noqa: BLE001
+        cause = str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__}: {exc}"
+        print(f"error: {cause}")
+        fixed = False
+    print("result: " + ("fixed" if fixed else "NOT fixed"))
+    return 0 if fixed else 1
+
+
+def check() -> bool:
+    """Whether vLLM gets every fixed module; prints why (not)."""
     info = manifest()
     print(f"vllm-moe-overlay {info['label']} for vLLM {info['vllm_version']}: "
           + "; ".join(p["subject"] for p in info["patches"]))  # fmt: skip
@@ -28,6 +41,9 @@ def main() -> int:
     print(f"entry point {GROUP}:{NAME}: "
           + (found[0].value if found else "NOT FOUND (is the wheel installed here?)"))  # fmt: skip
 
+    if importlib.util.find_spec("vllm") is None:
+        print(f"vLLM: NOT installed for {sys.executable}")
+        return False
     import vllm.envs
     from vllm.plugins import load_general_plugins
 
@@ -40,13 +56,13 @@ def main() -> int:
     print(f"vLLM: {Path(vllm.__file__).parent}")
     load_general_plugins()
 
-    fixed = True
+    fixed = bool(decided.targets)
     for target in decided.targets:
         spec = importlib.util.find_spec(target.module)
         origin = Path(spec.origin) if spec and spec.origin else None
         if origin == target.packaged:
             status = "active: served from this plugin"
-        elif target.state == "patched":
+        elif target.state == "patched" and origin == installed_root() / target.path:
             status = "fixed already: the installed file carries the patch"
         else:
             fixed = False
@@ -54,8 +70,7 @@ def main() -> int:
             if target.state != "pristine":
                 status += f" (sha256 {target.found_sha256}, plugin expects {target.pristine_sha256})"
         print(f"{target.module}: {status}")
-    print("result: " + ("fixed" if fixed else "NOT fixed"))
-    return 0 if fixed else 1
+    return fixed
 
 
 if __name__ == "__main__":

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
-import os
-import shutil
+import contextlib
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from . import fetch, lock, patching, plugin_wheel, rewheel, sources
-from .errors import OverlayError, report
+from . import fetch, lock, patching, plugin_wheel, publish, rewheel, sources
+from .errors import OverlayError, run
 from .fetch import log
 
 PROG = "build.sh"
@@ -52,17 +49,21 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, through the cleanup of the staged wheels.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        build(args)
-    except OverlayError as exc:
-        return report(PROG, exc)
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted; no wheel was written", file=sys.stderr)
-        return 130
-    return 0
+    staged: list[publish.Staging] = []
+    return run(PROG, lambda: build(args, staged), lambda: _written(args, staged))
 
 
-def build(args: argparse.Namespace) -> None:
+def _written(args: argparse.Namespace, staged: list[publish.Staging]) -> str:
+    """What a build that stopped early left in the output directory."""
+    if args.verify_only:
+        return "nothing was written"
+    if staged and staged[0].published:
+        return (f"{staged[0].published} wheel(s) and SHA256SUMS were published into "
+                f"{staged[0].out}; only removing the previous set was cut short")  # fmt: skip
+    return f"no wheel was written; {args.out_dir} is unchanged"
+
+
+def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
     started = time.monotonic()
     pins = lock.load(args.lock)
     version = args.vllm_version or pins.pin
@@ -72,18 +73,23 @@ def build(args: argparse.Namespace) -> None:
     # The plugin records the pristine files of every flavour's wheels and checks they agree.
     artifacts = pins.wheels(version, lock.FLAVOURS if plugin else flavours, arches)
     patches = patching.series()
+    if not patches:
+        raise OverlayError(f"{patching.PATCHES / 'series'} lists no patch: nothing to build")
+    for patch in patches:
+        patching.check_format(patch)
     members = patching.touched_files(patches)
     if plugin:  # refuse up front a file an import hook cannot serve
         for member in members:
             plugin_wheel.module_name(member)
     plugin_inputs = plugin_wheel.Inputs()
     cache = args.cache_dir or fetch.default_cache_dir()
+    publish.checkpoint("before-staging")
 
-    staging = None
-    if not args.verify_only:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=args.out_dir))
-    try:
+    with contextlib.ExitStack() as cleanup:
+        staging = None
+        if not args.verify_only:
+            staging = cleanup.enter_context(publish.Staging(args.out_dir))
+            staged.append(staging)
         built = {}
         for n, artifact in enumerate(artifacts, 1):
             log(f"[{n}/{len(artifacts)}] {artifact.filename}")
@@ -97,20 +103,19 @@ def build(args: argparse.Namespace) -> None:
                     continue
                 new_version = pins.patched_version(version, artifact.flavour)
                 name = rewheel.wheel_filename(artifact.filename, "vllm", new_version)
-                rewheel.rewrite(source, staging / name, "vllm", new_version, version, patched)
-                built[name] = _sha256(staging / name)
+                rewheel.rewrite(source, staging.path / name, "vllm", new_version, version, patched)
+                built[name] = _sha256(staging.path / name)
                 log(f"  wrote {name}")
+                publish.checkpoint("staging")
         if plugin and staging is not None:
             plugin_version = pins.patched_version(version, PLUGIN)
             name = plugin_wheel.filename(plugin_version)
-            plugin_wheel.write(staging / name, plugin_version, pins.label, patches, plugin_inputs)
-            built[name] = _sha256(staging / name)
+            plugin_wheel.write(staging.path / name, plugin_version, pins.label, patches, plugin_inputs)
+            built[name] = _sha256(staging.path / name)
             log(f"  wrote {name}")
+            publish.checkpoint("staging")
         if staging is not None:
-            _publish(staging, args.out_dir, built)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging.publish(built)
     if args.verify_only:
         log(f"{len(artifacts)} upstream wheel(s) verified in {time.monotonic() - started:.1f} s")
     else:
@@ -120,21 +125,6 @@ def build(args: argparse.Namespace) -> None:
 def _sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         return fetch.sha256_of(handle)
-
-
-def _publish(staging: Path, out_dir: Path, built: dict[str, str]) -> None:
-    """Move the finished wheels into place and rewrite SHA256SUMS for the whole directory."""
-    with open(out_dir / ".lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        for name in built:
-            os.replace(staging / name, out_dir / name)
-        sums = {
-            wheel.name: built.get(wheel.name) or _sha256(wheel)
-            for wheel in sorted(out_dir.glob("*.whl"))
-        }
-        listing = staging / "SHA256SUMS"
-        listing.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
-        os.replace(listing, out_dir / "SHA256SUMS")
 
 
 if __name__ == "__main__":

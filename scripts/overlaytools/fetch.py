@@ -6,6 +6,7 @@ import argparse
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,29 +70,60 @@ def open_verified(artifact: Artifact, version: str, cache_dir: Path, offline: bo
     """An open handle on the cached artifact, fetched if absent and checked by sha256.
 
     The caller reads from this handle only, so a later change to the cache
-    file cannot alter what was verified.
+    file cannot alter what was verified. A cached file that fails the check is
+    left alone (a wrong lock must not cost a good file): a verified download
+    replaces it, and a failed download is discarded.
     """
-    store = cache_dir / "artifacts"
-    store.mkdir(parents=True, exist_ok=True)
+    store = _store(cache_dir)
     path = store / artifact.filename
     with _locked(store / f".{artifact.filename}.lock"):
-        if not path.exists():
-            if offline:
-                raise OverlayError(f"{artifact.filename} is not in the cache {store} (--offline)")
-            _download(artifact, version, store)
-        handle = open(path, "rb")
-        actual = sha256_of(handle)
-        if actual != artifact.sha256:
+        _remove_stale_fetches(store, artifact.filename)
+        if os.path.lexists(path):
+            if not path.is_file():
+                raise OverlayError(f"{path} in the cache is not a file: remove it")
+            handle = open(path, "rb")
+            actual = sha256_of(handle)
+            if actual == artifact.sha256:
+                return handle
             handle.close()
-            path.unlink()
-            raise OverlayError(
-                f"{path}: sha256 {actual} does not match {artifact.hash_from}'s {artifact.sha256}; "
-                "discarded it, run again to fetch it afresh"
-            )
-    return handle
+            mismatch = (f"{path}: sha256 {actual} does not match {artifact.hash_from}'s "
+                        f"{artifact.sha256}")  # fmt: skip
+            if offline:
+                raise OverlayError(f"{mismatch}; not used and kept (--offline): run without "
+                                   "--offline to replace it with a verified download")  # fmt: skip
+            log(f"  {mismatch}; fetching it afresh")
+        elif offline:
+            raise OverlayError(f"{artifact.filename} is not in the cache {store} (--offline)")
+        return _download(artifact, version, store)
 
 
-def _download(artifact: Artifact, version: str, store: Path) -> None:
+def _store(cache_dir: Path) -> Path:
+    """The cache's artifacts directory, created if absent."""
+    store = cache_dir / "artifacts"
+    for folder in (cache_dir, store):
+        if folder.exists() and not folder.is_dir():
+            raise OverlayError(f"cache {folder} is not a directory")
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OverlayError(f"cannot create the cache {store}: {exc.strerror}") from None
+    return store
+
+
+def _fetch_prefix(filename: str) -> str:
+    return f".fetch-{filename}-"
+
+
+def _remove_stale_fetches(store: Path, filename: str) -> None:
+    """pip's download directories of this artifact left by a killed run. Only the
+    holder of the artifact's lock downloads it, so under that lock any is stale."""
+    for stale in store.glob(_fetch_prefix(filename) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+        log(f"  removed {stale}, left by an interrupted download")
+
+
+def _download(artifact: Artifact, version: str, store: Path) -> BinaryIO:
+    """Download the artifact into the cache; an open handle on it once verified."""
     if not artifact.is_wheel:
         raise OverlayError(
             f"{artifact.filename}: only wheels are fetched by this tool "
@@ -100,7 +132,7 @@ def _download(artifact: Artifact, version: str, store: Path) -> None:
     size = f" ({artifact.size / 1e6:.0f} MB)" if artifact.size else ""
     log(f"  fetching {artifact.filename}{size} with pip")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(dir=store, prefix=".fetch-") as tmp:
+    with tempfile.TemporaryDirectory(dir=store, prefix=_fetch_prefix(artifact.filename)) as tmp:
         cmd = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
             "--dest", tmp, *artifact.pip_target(), f"{artifact.project}=={version}",
@@ -109,15 +141,17 @@ def _download(artifact: Artifact, version: str, store: Path) -> None:
         if result.returncode != 0:
             raise OverlayError(f"pip could not download {artifact.filename}: {pip_failure(result)}")
         fetched = Path(tmp) / artifact.filename
-        if not fetched.exists():
+        if not fetched.is_file():
             got = ", ".join(sorted(os.listdir(tmp))) or "nothing"
             raise OverlayError(f"pip download gave {got}, not {artifact.filename}")
-        with open(fetched, "rb") as handle:
-            actual = sha256_of(handle)
+        handle = open(fetched, "rb")
+        actual = sha256_of(handle)
         if actual != artifact.sha256:
+            handle.close()
             raise OverlayError(
                 f"downloaded {artifact.filename}: sha256 {actual} does not match "
-                f"{artifact.hash_from}'s {artifact.sha256}; discarded it"
+                f"{artifact.hash_from}'s {artifact.sha256}; discarded the download"
             )
-        os.replace(fetched, store / artifact.filename)
+        os.replace(fetched, store / artifact.filename)  # the handle follows the file
     log(f"  fetched {artifact.filename} in {time.monotonic() - started:.1f} s")
+    return handle

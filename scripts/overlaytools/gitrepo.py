@@ -53,7 +53,10 @@ class Git:
         result = self(*AM, str(patch.resolve()), check=False)
         if result.returncode != 0:
             self("am", "--abort", check=False)
-            reason = _last_line(result.stderr + result.stdout)
+            output = result.stderr + result.stdout
+            # git's own "error:" lines say why; the rest is advice on --continue/--abort.
+            errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
+            reason = errors[-1] if errors else _last_line(output)
             raise OverlayError(f"{patch.name} does not apply with git am: {reason}")
 
     def format_patches(self, revisions: str, out: Path) -> list[Path]:

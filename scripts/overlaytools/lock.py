@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,17 +90,65 @@ class Lock:
 
 
 def load(path: Path = DEFAULT_LOCK) -> Lock:
+    """The lock at `path`, every field checked before anything uses it."""
     try:
-        raw = json.loads(Path(path).read_text())
-        releases = {
-            version: [Artifact(**entry) for entry in entries]
-            for version, entries in raw["releases"].items()
-        }
-        lock = Lock(pin=raw["pin"], label=raw["label"], releases=releases)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OverlayError(f"cannot read lock {path}: {exc}") from exc
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OverlayError(f"cannot read lock {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    _expect(raw, dict, "the lock", path)
+    _expect_keys(raw, {"pin", "label", "releases"}, "the lock", path)
+    _expect(raw["pin"], str, "pin", path)
+    _expect(raw["label"], str, "label", path)
+    _expect(raw["releases"], dict, "releases", path)
+    releases = {}
+    for version, entries in raw["releases"].items():
+        _expect(entries, list, f"releases[{version!r}]", path)
+        releases[version] = [_artifact(e, f"releases[{version!r}][{n}]", path)
+                             for n, e in enumerate(entries)]  # fmt: skip
+    lock = Lock(pin=raw["pin"], label=raw["label"], releases=releases)
     _check_label(lock.label, path)
     return lock
+
+
+_FIELDS = {"project": str, "flavour": str, "arch": str, "filename": str, "size": int, "sha256": str}
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# A plain file name: the cache path is built from it, so no directory part.
+_FILENAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def _artifact(entry, where: str, path: Path) -> Artifact:
+    _expect(entry, dict, where, path)
+    _expect_keys(entry, set(_FIELDS), where, path)
+    for field, kind in _FIELDS.items():
+        _expect(entry[field], kind, f"{where}.{field}", path)
+    if not _SHA256.fullmatch(entry["sha256"]):
+        raise OverlayError(f"{path}: {where}.sha256 {entry['sha256']!r} is not 64 hex digits")
+    if not _FILENAME.fullmatch(entry["filename"]) or ".." in entry["filename"]:
+        raise OverlayError(f"{path}: {where}.filename {entry['filename']!r} is not a plain file name")
+    if not entry["filename"].endswith((".whl", ".tar.gz")):
+        raise OverlayError(f"{path}: {where}.filename {entry['filename']!r} is not a wheel or sdist")
+    if entry["size"] < 0:
+        raise OverlayError(f"{path}: {where}.size must not be negative")
+    # sha256 compares case-insensitively: keep one form.
+    return Artifact(**{**entry, "sha256": entry["sha256"].lower()})
+
+
+def _expect(value, kind: type, where: str, path: Path) -> None:
+    # bool is an int to Python, never to the lock.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise OverlayError(f"{path}: {where} must be a JSON {_JSON_NAMES[kind]}, "
+                           f"not {type(value).__name__}")  # fmt: skip
+
+
+def _expect_keys(value: dict, keys: set[str], where: str, path: Path) -> None:
+    missing, extra = sorted(keys - value.keys()), sorted(value.keys() - keys)
+    if missing:
+        raise OverlayError(f"{path}: {where} lacks {', '.join(missing)}")
+    if extra:
+        raise OverlayError(f"{path}: {where} has unknown key(s) {', '.join(extra)}")
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer"}
 
 
 def _check_label(label: str, path: Path) -> None:

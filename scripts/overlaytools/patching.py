@@ -42,6 +42,74 @@ def touched_files(patches: list[Path]) -> list[str]:
     return list(paths)
 
 
+_HUNK = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+# Extended git headers of changes a patch of this overlay may not make.
+_REFUSED_HEADERS = {
+    "deleted file mode": "deletes", "rename from": "renames", "copy from": "copies",
+    "old mode": "changes the mode of", "GIT binary patch": "changes binary",
+    "Binary files": "changes binary",
+}  # fmt: skip
+
+
+def target_problem(path: str) -> str | None:
+    """Why a patch may not change repository-relative `path`, or None."""
+    parts = path.split("/")
+    if parts[0] != "vllm" or len(parts) < 2 or any(p in ("", ".", "..") for p in parts):
+        return f"{path} is not a file under vllm/"
+    if path == "vllm/_version.py":
+        return "vllm/_version.py is written by the build (the patched version), not by patches"
+    return None
+
+
+def check_format(patch: Path) -> None:
+    """Refuse a patch the build cannot trust to reach the wheels exactly: not UTF-8,
+    not in git's format (a 'diff --git' section for each file, a/ and b/ paths),
+    a path outside vllm/, or a deletion, rename, copy, mode or binary change."""
+    data = patch.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OverlayError(f"{patch.name} is not UTF-8 text (byte {data[exc.start]:#04x} "
+                           f"at offset {exc.start})") from None  # fmt: skip
+    current = None  # the file of the 'diff --git' section being read
+    sections = old = new = 0  # old, new: lines left in the current hunk
+    for number, line in enumerate(text.split("\n"), 1):
+        if old > 0 or new > 0:  # a hunk body; an empty line is blank context
+            old -= line[:1] in (" ", "-", "")
+            new -= line[:1] in (" ", "+", "")
+            continue
+        where = f"{patch.name} line {number}"
+        if line.startswith("diff --git "):
+            found = re.fullmatch(r"diff --git a/(\S+) b/(\S+)", line)
+            if not found:
+                raise OverlayError(f"{where}: cannot read {line!r}")
+            if found.group(1) != found.group(2):
+                raise OverlayError(f"{patch.name} renames {found.group(1)} to {found.group(2)}: "
+                                   "patches may only change or add files")  # fmt: skip
+            current = found.group(1)
+            problem = target_problem(current)
+            if problem:
+                raise OverlayError(f"{patch.name}: {problem}")
+            sections += 1
+        elif line.startswith(("--- ", "+++ ", "@@ ")) and current is None:
+            raise OverlayError(f"{where}: {line!r} has no 'diff --git' header; the patch is not "
+                               "in git's format (write it with git format-patch)")  # fmt: skip
+        elif line.startswith(("--- ", "+++ ")):
+            side = "a/" if line[0] == "-" else "b/"
+            if line == "+++ /dev/null":
+                raise OverlayError(f"{patch.name} deletes {current}: patches may only change or add files")
+            if line[4:] not in (side + current, "/dev/null"):
+                raise OverlayError(f"{where}: {line!r} does not name {side}{current}")
+        elif current is not None and (hunk := _HUNK.match(line)):
+            old, new = (int(n) if n is not None else 1 for n in hunk.groups())
+        elif current is not None:
+            verb = next((v for h, v in _REFUSED_HEADERS.items() if line.startswith(h)), None)
+            if verb:
+                raise OverlayError(f"{patch.name} {verb} {current}: patches may only change or add files")
+    if not sections:
+        raise OverlayError(f"{patch.name} has no 'diff --git' section: it changes no file")
+
+
 def origin(message: str) -> str | None:
     """The `Origin:` provenance field of a commit message or patch header, if any."""
     found = _ORIGIN.search(message.split("\n---\n", 1)[0])
@@ -49,10 +117,16 @@ def origin(message: str) -> str | None:
 
 
 def overlay_files(overlay_dir: Path = OVERLAY) -> list[str]:
-    """Repository-relative paths of every file under overlay/."""
-    if not overlay_dir.is_dir():
-        return []
-    return sorted(p.relative_to(overlay_dir).as_posix() for p in overlay_dir.rglob("*") if p.is_file())
+    """Repository-relative paths of every file under overlay/, which must hold no
+    symlink (a link would let the tools read or write outside the checkout)."""
+    links = [overlay_dir] if overlay_dir.is_symlink() else []
+    files = []
+    for folder, dirs, names in os.walk(overlay_dir):
+        links += [Path(folder, n) for n in dirs + names if Path(folder, n).is_symlink()]
+        files += [Path(folder, n).relative_to(overlay_dir).as_posix() for n in names]
+    if links:
+        raise OverlayError(f"{links[0]} is a symlink; overlay/ holds plain files and directories only")
+    return sorted(files)
 
 
 def refuse_strays(touched: list[str], overlay_dir: Path = OVERLAY) -> None:
@@ -94,10 +168,17 @@ def apply(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
     """Pristine files + patches, applied in order by `git apply` (no fuzz, exact context)."""
     with _file_tree(pristine) as (root, env):
         for patch in patches:
+            before = _tree(root)
             result = _git_apply(root, env, patch)
             if result.returncode != 0:
                 raise OverlayError(_describe_failure(patch, result.stderr))
+            if _tree(root) == before:
+                raise OverlayError(f"{patch.name} changes no file of the wheel")
         return {rel: (root / rel).read_bytes() for rel in pristine}
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def check_applies(files: dict[str, bytes], patch: Path, reverse: bool = False) -> str:

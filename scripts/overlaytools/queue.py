@@ -16,13 +16,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import fetch, gitrepo, lock, patching, sources, writeback
-from .errors import OverlayError, report
+from . import fetch, gitrepo, lock, patching, plugin_wheel, sources, writeback
+from .errors import OverlayError, run
 from .fetch import log
 
 PROG = "patch-queue"
 DEFAULT_DIR = lock.REPO / ".patch-queue"
 BRANCH = "patches"
+# Written into the .git of every queue `import` makes: `--force` replaces only such a directory.
+MARKER = "vllm-moe-overlay-queue"
 UPSTREAM = "upstream"
 
 
@@ -50,14 +52,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        (import_queue if args.command == "import" else export_queue)(args)
-    except OverlayError as exc:
-        return report(PROG, exc)
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    action = import_queue if args.command == "import" else export_queue
+    written = ("the queue was not replaced" if args.command == "import"
+               else "each file of patches/ or overlay/ it rewrote was replaced whole")  # fmt: skip
+    return run(PROG, lambda: action(args), lambda: written)
 
 
 def upstream_subject(pins: lock.Lock) -> str:
@@ -67,9 +65,13 @@ def upstream_subject(pins: lock.Lock) -> str:
 def import_queue(args: argparse.Namespace) -> None:
     pins = lock.load()
     dest = args.dir.absolute()
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not args.force:
-        raise OverlayError(f"{dest} exists and is not empty; pass --force to replace it "
-                           "(its commits are lost)")  # fmt: skip
+    if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir() or any(dest.iterdir())):
+        if not args.force:
+            raise OverlayError(f"{dest} exists and is not empty; pass --force to replace it "
+                               "(its commits are lost)")  # fmt: skip
+        if dest.is_symlink() or not (dest / ".git" / MARKER).is_file():
+            raise OverlayError(f"{dest} is not a patch queue made by {PROG} import; "
+                               "not removing it with --force")  # fmt: skip
     patches = patching.series()
     artifact, files = sources.release_sources(pins, args.cache_dir or fetch.default_cache_dir(),
                                               args.offline)  # fmt: skip
@@ -78,6 +80,7 @@ def import_queue(args: argparse.Namespace) -> None:
     try:
         git = gitrepo.Git(staging)
         git("init", "-q", "-b", BRANCH)
+        (staging / ".git" / MARKER).write_text(f"made by scripts/{PROG} import\n")
         log(f"writing {len(files):,} files of vLLM {pins.pin} from {artifact.filename}")
         patching.write_files(staging, files)
         git("add", "-A")
@@ -89,7 +92,7 @@ def import_queue(args: argparse.Namespace) -> None:
             git.am(patch)
             log(f"applied {patch.name}")
         if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            shutil.rmtree(dest)  # an empty directory, or a queue we made (checked above)
         os.replace(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -107,6 +110,8 @@ def export_queue(args: argparse.Namespace) -> None:
         _check_commit(git, commit, pins)
     with tempfile.TemporaryDirectory(prefix="patch-queue-") as tmp:
         raw = git.format_patches(f"{UPSTREAM}..HEAD", Path(tmp) / "raw")
+        for patch in raw:
+            patching.check_format(patch)
         touched = patching.touched_files(raw)
         pristine = sources.pinned_pristine(pins, touched, args.cache_dir or fetch.default_cache_dir(),
                                            args.offline)  # fmt: skip
@@ -174,6 +179,15 @@ def _check_commit(git: gitrepo.Git, commit: str, pins: lock.Lock) -> None:
         raise OverlayError(f"{_describe(git, commit)} changes nothing; drop it")
     for line in changes:
         status, rel = line.split("\t", 1)
+        problem = patching.target_problem(rel)
+        if problem is None and status != "D":
+            try:
+                plugin_wheel.module_name(rel)
+            except OverlayError as exc:
+                problem = str(exc)
+        if problem:
+            raise OverlayError(f"{_describe(git, commit)} changes {rel}, which the build refuses: "
+                               f"{problem}")  # fmt: skip
         if status != "M":
             what = {"A": "adds", "D": "deletes"}.get(status, f"changes the type of ({status})")
             raise OverlayError(f"{_describe(git, commit)} {what} {rel}: patches may only modify "

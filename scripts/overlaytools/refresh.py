@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import fetch, gitrepo, lock, patching, sources, writeback
-from .errors import OverlayError, report
+from .errors import OverlayError, run
 from .fetch import log
 
 PROG = "refresh-patches"
@@ -32,16 +32,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        refresh(args)
-    except OverlayError as exc:
-        return report(PROG, exc)
-    return 0
+    return run(PROG, lambda: refresh(args), lambda: "each file it rewrote was replaced whole")
 
 
 def refresh(args: argparse.Namespace) -> None:
     pins = lock.load()
     patches = patching.series()
+    for patch in patches:
+        patching.check_format(patch)
     members = patching.touched_files(patches)
     patching.refuse_strays(members)
     cache = args.cache_dir or fetch.default_cache_dir()

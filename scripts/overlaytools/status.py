@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 from packaging.version import InvalidVersion, Version
 
 from . import detect, fetch, lock, patching, sources
-from .errors import OverlayError, report
+from .errors import OverlayError, run
 from .fetch import log
 
 PROG = "upstream-status"
@@ -49,17 +49,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        status(args)
-    except OverlayError as exc:
-        return report(PROG, exc)
-    return 0
+    return run(PROG, lambda: status(args), lambda: "nothing was written")
 
 
 def status(args: argparse.Namespace) -> None:
     pins = lock.load()
     cache = args.cache_dir or fetch.default_cache_dir()
     patches = patching.series()
+    if not patches:
+        raise OverlayError(f"{patching.PATCHES / 'series'} lists no patch: nothing to check")
+    for patch in patches:
+        patching.check_format(patch)
     requested = args.versions or [pins.pin, "latest"]
     for spec in requested:
         if spec != "latest":
