@@ -13,7 +13,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import NAME, manifest, plan
+from . import NAME, describe, manifest, plan
 
 GROUP = "vllm.general_plugins"
 
@@ -50,9 +50,10 @@ def main() -> int:
             status = "fixed already: the installed file carries the patch"
         else:
             fixed = False
-            status = f"NOT patched: vLLM imports {origin}"
+            status = f"NOT patched: vLLM imports {origin}" if origin else "NOT patched: no such module"
             if target.state != "pristine":
-                status += f" (sha256 {target.found_sha256}, plugin expects {target.pristine_sha256})"
+                status += (f" ({describe(target.found_sha256)}, plugin expects "
+                           f"{describe(target.pristine_sha256)})")  # fmt: skip
         print(f"{target.module}: {status}")
     print("result: " + ("fixed" if fixed else "NOT fixed"))
     return 0 if fixed else 1

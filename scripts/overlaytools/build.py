@@ -73,6 +73,7 @@ def build(args: argparse.Namespace) -> None:
     artifacts = pins.wheels(version, lock.FLAVOURS if plugin else flavours, arches)
     patches = patching.series()
     members = patching.touched_files(patches)
+    added = patching.added_files(patches)
     if plugin:  # refuse up front a file an import hook cannot serve
         for member in members:
             plugin_wheel.module_name(member)
@@ -88,7 +89,7 @@ def build(args: argparse.Namespace) -> None:
         for n, artifact in enumerate(artifacts, 1):
             log(f"[{n}/{len(artifacts)}] {artifact.filename}")
             with fetch.open_verified(artifact, version, cache, args.offline) as source:
-                pristine = sources.wheel_members(source, members, artifact.filename)
+                pristine = sources.wheel_members(source, members, artifact.filename, added)
                 patched = patching.check(pristine, patches)
                 log(f"  sha256 ok; {len(patches)} patches apply; overlay matches")
                 if plugin:
