@@ -48,8 +48,8 @@ def test_only_the_fix_version_and_dist_info_differ(artifact):
 
     for member in FILES:
         assert out.read(member) == (REPO / "overlay" / member).read_bytes()
-    for info in out.infolist():  # rewritten members keep upstream's timestamps and modes,
-        # added ones take those of the module beside which the version is recorded
+    # Rewritten members keep upstream's timestamps and modes; added ones take vllm/_version.py's.
+    for info in out.infolist():
         up_info = up.getinfo("vllm/_version.py" if info.filename in ADDED
                              else info.filename.replace(new_di, old_di, 1))  # fmt: skip
         assert (info.date_time, info.external_attr) == (up_info.date_time, up_info.external_attr)
