@@ -153,8 +153,8 @@ def _write_members(zin, source, zout, content, old_di, new_di, added) -> None:
         _copy_raw(run, source, zout)
         run = []
         if info.filename.startswith(f"{old_di}/"):
-            for new, data in added.items():
-                _write(zout, new, data)
+            for extra, data in added.items():  # the added files go just before the dist-info
+                _write(zout, extra, data)
             added = {}
         new = zipfile.ZipInfo(_renamed(info.filename, old_di, new_di), date_time=info.date_time)
         new.external_attr = info.external_attr
