@@ -16,12 +16,9 @@ from build_helpers import (
 )  # fmt: skip
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
+from series_helpers import ADDED, CHANGED, FILES
 
 WHEELS = PINS.wheels(PINS.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])
-MODEL_FILES = {
-    "vllm/model_executor/models/gemma4.py",
-    "vllm/model_executor/models/qwen3_moe.py",
-}
 ids = [f"{a.flavour}-{a.arch}" for a in WHEELS]
 
 
@@ -34,7 +31,10 @@ def test_only_the_fix_version_and_dist_info_differ(artifact):
     assert new_di == f"vllm-{version}.dist-info"
 
     renamed = [n.replace(old_di, new_di, 1) for n in up.namelist()]
-    assert out.namelist() == renamed  # same members, same order
+    assert [n for n in out.namelist() if n not in ADDED] == renamed  # upstream's, in its order
+    assert set(out.namelist()) - set(renamed) == set(ADDED)
+    first_di = min(out.namelist().index(n) for n in out.namelist() if n.startswith(new_di))
+    assert all(out.namelist().index(n) < first_di for n in ADDED)  # dist-info stays last
 
     changed = set()
     for up_info in up.infolist():
@@ -44,12 +44,14 @@ def test_only_the_fix_version_and_dist_info_differ(artifact):
                 changed.add(up_info.filename[len(old_di) + 1 :])
         elif raw_member(up_path, up_info) != raw_member(out_path, out_info):
             changed.add(up_info.filename)
-    assert changed == MODEL_FILES | {"vllm/_version.py", "METADATA", "RECORD"}
+    assert changed == {*CHANGED, "vllm/_version.py", "METADATA", "RECORD"}
 
-    for member in MODEL_FILES:
+    for member in FILES:
         assert out.read(member) == (REPO / "overlay" / member).read_bytes()
-    for info in out.infolist():  # rewritten members keep upstream's timestamps and modes
-        up_info = up.getinfo(info.filename.replace(new_di, old_di, 1))
+    # Rewritten members keep upstream's timestamps and modes; added ones take vllm/_version.py's.
+    for info in out.infolist():
+        up_info = up.getinfo("vllm/_version.py" if info.filename in ADDED
+                             else info.filename.replace(new_di, old_di, 1))  # fmt: skip
         assert (info.date_time, info.external_attr) == (up_info.date_time, up_info.external_attr)
 
 
@@ -113,5 +115,5 @@ def test_pip_installs_the_wheel(tmp_path, flavour):
     version = PINS.patched_version(PINS.pin, flavour)
     installed = Path(tmp_path, f"vllm-{version}.dist-info")
     assert (installed / "INSTALLER").read_text().strip() == "pip"
-    for member in MODEL_FILES:
+    for member in FILES:
         assert (tmp_path / member).read_bytes() == (REPO / "overlay" / member).read_bytes()

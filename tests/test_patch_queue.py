@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 from build_helpers import PINS, cache_dir, copy_repo, run_build, run_script
-from overlaytools import patching, sources
+from overlaytools import gitrepo, patching, sources
+from series_helpers import PATCHES, TEST_PROVENANCE, files_of, owners, provenance
 
-GEMMA4, QWEN3 = (p.name for p in patching.series())
+NAMES = [p.name for p in PATCHES]
 QWEN3_FILE = "vllm/model_executor/models/qwen3_moe.py"
 DEEPSEEK_FILE = "vllm/model_executor/models/deepseek_v2.py"
 ONE_WHEEL = ["--offline", "--flavour", "cpu", "--arch", sources.host_arch()]
@@ -26,7 +27,6 @@ GIT_ENV = {
     "GIT_AUTHOR_NAME": "A Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@invalid",
     "GIT_COMMITTER_NAME": "A Maintainer", "GIT_COMMITTER_EMAIL": "maintainer@invalid",
 }  # fmt: skip
-PROVENANCE = "Origin: other, a test of scripts/patch-queue\n"
 
 
 def git(queue: Path, *args: str, input: str | None = None, check: bool = True,
@@ -113,12 +113,9 @@ def test_import_is_the_release_then_one_commit_per_patch(imported):
     blob = git(queue, "rev-parse", f"upstream:{DEEPSEEK_FILE}").stdout.strip()
     assert blob == blob_id(pristine(DEEPSEEK_FILE))
     log = git(queue, "log", "--reverse", "--format=%an <%ae>|%aD|%s", "upstream..HEAD").stdout
-    assert log.splitlines() == [
-        "vllm-moe-overlay maintainers <maintainers@vllm-moe-overlay.invalid>|"
-        f"Sun, 22 Nov 2026 00:00:00 +0000|{subject}"
-        for subject in ("[Bugfix][Model] Gemma4 MoE: read per_expert_scale at routing time",
-                        "[BugFix] Qwen3 MoE: do not run the gate twice with an internal router")
-    ]  # fmt: skip
+    messages = [gitrepo.read_message(p) for p in PATCHES]
+    assert log.splitlines() == [f"{m.author} <{m.email}>|{m.date}|{m.text.partition(chr(10))[0]}"
+                                for m in messages]  # fmt: skip
     for rel in patching.touched_files(patching.series(imported / "patches")):
         assert git(queue, "show", f"HEAD:{rel}").stdout.encode() == (imported / "overlay" / rel).read_bytes()
 
@@ -170,7 +167,7 @@ def three_patches(imported, tmp_path_factory) -> Path:
     assert "no 'Origin:' line" in error
     assert state(repo) == before
 
-    message = git(queue, "log", "-1", "--format=%B").stdout.rstrip("\n") + "\n\n" + PROVENANCE
+    message = git(queue, "log", "-1", "--format=%B").stdout.rstrip("\n") + "\n\n" + TEST_PROVENANCE
     git(queue, "commit", "--amend", "-q", "-F", "-", input=message)
     result = export(repo)
     assert result.returncode == 0, result.stderr
@@ -178,15 +175,15 @@ def three_patches(imported, tmp_path_factory) -> Path:
     return repo
 
 
-def test_third_patch_exports_as_0003_and_leaves_the_others_alone(imported, three_patches):
-    series = patching.series(three_patches / "patches")
-    assert [p.name for p in series[:2]] == [GEMMA4, QWEN3]
-    assert series[2].name.startswith("0003-Bugfix-Model-MoE-name-the-order")
-    for name in (GEMMA4, QWEN3):
+def test_new_patch_exports_last_and_leaves_the_others_alone(imported, three_patches):
+    *series, new = patching.series(three_patches / "patches")
+    assert [p.name for p in series] == NAMES
+    assert new.name.startswith(f"{len(NAMES) + 1:04d}-Bugfix-Model-MoE-name-the-order")
+    for name in NAMES:
         assert (three_patches / "patches" / name).read_bytes() == (imported / "patches" / name).read_bytes()
-    third = series[2].read_text()
-    assert "From: Upstream Contributor <contributor@invalid>" in third and PROVENANCE in third
-    assert patching.touched_files([series[2]]) == [DEEPSEEK_FILE, QWEN3_FILE]
+    text = new.read_text()
+    assert "From: Upstream Contributor <contributor@invalid>" in text and TEST_PROVENANCE in text
+    assert files_of(new) == [DEEPSEEK_FILE, QWEN3_FILE]
     overlay = three_patches / "overlay"
     assert "# shared experts first" in (overlay / QWEN3_FILE).read_text()
     assert "# (shared, routed)" in (overlay / DEEPSEEK_FILE).read_text()
@@ -197,7 +194,7 @@ def test_third_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_
     assert run_build("--verify-only", *ONE_WHEEL, repo=three_patches).returncode == 0
     check = run_script(three_patches, "refresh-patches", "--check", "--offline")
     assert check.returncode == 0, check.stderr
-    assert "3 patches are up to date" in check.stderr
+    assert f"{len(NAMES) + 1} patches are up to date" in check.stderr
     build = run_build(*ONE_WHEEL, "--out-dir", str(tmp_path), repo=three_patches)
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("*.whl")
@@ -210,8 +207,8 @@ def test_upstream_status_judges_a_patch_without_detector_by_git_alone(three_patc
     result = run_script(three_patches, "upstream-status", "--arch", "x86_64", PINS.pin)
     assert result.returncode == 0, result.stderr
     lines = [ln.split() for ln in result.stdout.splitlines() if ".patch " in ln]
-    assert [ln[1] for ln in lines] == ["applies"] * 3
-    assert "judged by `git apply --check` forward and reverse alone" in result.stdout.splitlines()[3]
+    assert [ln[1] for ln in lines] == ["applies"] * (len(NAMES) + 1)
+    assert "judged by `git apply --check` forward and reverse alone" in result.stdout.splitlines()[-2]
 
 
 def test_refresh_keeps_a_file_of_several_patches_and_refuses_edits_to_it(three_patches, tmp_path):
@@ -224,14 +221,15 @@ def test_refresh_keeps_a_file_of_several_patches_and_refuses_edits_to_it(three_p
     overlay = repo / "overlay" / QWEN3_FILE
     overlay.write_text(overlay.read_text().replace("# shared experts first", "# shared first"))
     error = refused(run_script(repo, "refresh-patches", "--offline"), "refresh-patches")
-    assert f"overlay/{QWEN3_FILE} is changed by several patches ({QWEN3}, 0003-" in error
+    new = patching.series(repo / "patches")[-1].name
+    assert f"overlay/{QWEN3_FILE} is changed by several patches ({', '.join([*owners(QWEN3_FILE), new])})" in error
     assert "scripts/patch-queue import" in error
     assert state(repo) == {**before, f"overlay/{QWEN3_FILE}": overlay.read_bytes()}
 
 
 def test_hand_edited_patch_of_a_shared_file_fails_check_until_exported(three_patches, tmp_path):
     repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
-    (third,) = (repo / "patches").glob("0003-*")
+    third = patching.series(repo / "patches")[-1]
     third.write_text(third.read_text().replace("# shared experts first", "# shared first"))
     assert run_script(repo, "refresh-patches", "--overlays", "--offline").returncode == 0
     error = refused(run_script(repo, "refresh-patches", "--check", "--offline"), "refresh-patches")
@@ -254,12 +252,14 @@ def test_dropping_the_third_patch_removes_its_patch_and_overlay_file(imported, t
 
 
 def rework(repo: Path, todo: str, tmp_path: Path) -> tuple[dict, subprocess.CompletedProcess]:
-    """`git rebase -i upstream` with `todo` ({first} and {second} name the two commits)
-    as the maintainer's edited list, then export. The state before and the export."""
+    """`git rebase -i upstream` with `todo` ({first} and {second} name the first two
+    commits, {rest} picks the others) as the maintainer's edited list, then export.
+    The state before and the export."""
     queue, before = repo / ".patch-queue", state(repo)
-    first, second = git(queue, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
+    first, second, *others = git(queue, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
     todo_file = tmp_path / "todo"
-    todo_file.write_text(todo.format(first=first, second=second))
+    rest = "".join(f"pick {commit}\n" for commit in others)
+    todo_file.write_text(todo.format(first=first, second=second, rest=rest))
     git(queue, "rebase", "-q", "-i", "upstream", GIT_SEQUENCE_EDITOR=f"cp {todo_file}",
         GIT_EDITOR="true")  # fmt: skip
     result = export(repo)
@@ -272,22 +272,25 @@ def rework(repo: Path, todo: str, tmp_path: Path) -> tuple[dict, subprocess.Comp
 
 
 def test_reorder_exports_the_reordered_series(repo, tmp_path):
-    before, _ = rework(repo, "pick {second}\npick {first}\n", tmp_path)
+    before, _ = rework(repo, "pick {second}\npick {first}\n{rest}", tmp_path)
     after = state(repo)
-    renamed = {QWEN3: "0001" + QWEN3[4:], GEMMA4: "0002" + GEMMA4[4:]}
-    assert (repo / "patches" / "series").read_text() == "".join(f"{renamed[n]}\n" for n in (QWEN3, GEMMA4))
+    first, second, *rest = NAMES
+    renamed = {second: first[:4] + second[4:], first: second[:4] + first[4:], **{n: n for n in rest}}
+    assert patching.series_names((repo / "patches" / "series").read_text()) == [
+        renamed[n] for n in (second, first, *rest)]  # fmt: skip
     for old, new in renamed.items():  # -N patches carry no number: the bytes stay
         assert after[f"patches/{new}"] == before[f"patches/{old}"]
-        assert f"patches/{old}" not in after
+    assert f"patches/{first}" not in after and f"patches/{second}" not in after
 
 
 def test_squash_exports_one_patch_with_both_messages(repo, tmp_path):
-    _, result = rework(repo, "pick {first}\nsquash {second}\n", tmp_path)
-    (only,) = patching.series(repo / "patches")
-    assert only.name == GEMMA4 and f"removed patches/{QWEN3}" in result.stderr
-    text = only.read_text()
-    assert "pull/42250" in text and "pull/40664" in text
-    assert set(patching.touched_files([only])) == {"vllm/model_executor/models/gemma4.py", QWEN3_FILE}
+    _, result = rework(repo, "pick {first}\nsquash {second}\n{rest}", tmp_path)
+    squashed, *rest = patching.series(repo / "patches")
+    assert squashed.name == NAMES[0] and f"removed patches/{NAMES[1]}" in result.stderr
+    assert len(rest) == len(NAMES) - 2
+    text = squashed.read_text()
+    assert all(provenance(p)["Origin"] in text for p in PATCHES[:2])
+    assert set(files_of(squashed)) == {*files_of(PATCHES[0]), *files_of(PATCHES[1])}
     assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
 
 
@@ -306,14 +309,19 @@ def _unrelated_history(queue: Path) -> str:
     return "HEAD is not based on upstream"
 
 
-def _new_file(queue: Path) -> str:
-    (queue / "vllm" / "brand_new.py").write_text("x = 1\n")
-    git(queue, "add", "vllm/brand_new.py")
-    git(queue, "commit", "-q", "-m", f"Add a module\n\n{PROVENANCE}")
-    return f"adds vllm/brand_new.py: patches may only modify files that vLLM {PINS.pin} has"
+def _deleted_file(queue: Path) -> str:
+    git(queue, "rm", "-q", DEEPSEEK_FILE)
+    git(queue, "commit", "-q", "-m", f"Remove a module\n\n{TEST_PROVENANCE}")
+    return f"deletes {DEEPSEEK_FILE}: patches may change or add files, not delete or rename them"
 
 
-@pytest.mark.parametrize("damage", [_dirty, _unrelated_history, _new_file])
+def _renamed_file(queue: Path) -> str:
+    git(queue, "mv", DEEPSEEK_FILE, DEEPSEEK_FILE.replace(".py", "_renamed.py"))
+    git(queue, "commit", "-q", "-m", f"Rename a module\n\n{TEST_PROVENANCE}")
+    return f"deletes {DEEPSEEK_FILE}: patches may change or add files, not delete or rename them"
+
+
+@pytest.mark.parametrize("damage", [_dirty, _unrelated_history, _deleted_file, _renamed_file])
 def test_export_refuses(repo, damage):
     before = state(repo)
     expected = damage(repo / ".patch-queue")

@@ -22,18 +22,16 @@ import pytest
 from build_helpers import (
     DIST, PINS, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
 )  # fmt: skip
-from overlaytools import patching
 from packaging.utils import parse_wheel_filename
 from plugin_helpers import (
     APPLIED, PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_WHEEL, installed_plugin, pristine_artifact,
     pristine_plugin_env, pristine_vllm,
 )  # fmt: skip
+from series_helpers import ADDED, CHANGED, PATCHES, module_name
+from series_helpers import MODULES as TARGETS
 from serve_helpers import VENV
 
-TARGETS = {
-    "vllm.model_executor.models.gemma4": "vllm/model_executor/models/gemma4.py",
-    "vllm.model_executor.models.qwen3_moe": "vllm/model_executor/models/qwen3_moe.py",
-}
+EDITED = module_name(CHANGED[0])  # a module that a user's vLLM may have edited
 PACKAGE = "vllm_moe_overlay"
 TAG = f"vllm-moe-overlay {PINS.label}"
 
@@ -94,13 +92,16 @@ def test_content_is_the_loader_the_overlay_verbatim_and_a_manifest(wheel):
 
 def test_manifest_records_pristine_and_patched_hashes(manifest):
     assert (manifest["vllm_version"], manifest["label"]) == (PINS.pin, PINS.label)
-    assert [p["name"] for p in manifest["patches"]] == [p.name for p in patching.series()]
+    assert [p["name"] for p in manifest["patches"]] == [p.name for p in PATCHES]
     assert {m["module"]: m["path"] for m in manifest["modules"]} == TARGETS
     upstream = [zipfile.ZipFile(upstream_path(a)) for a in PINS.wheels(
         PINS.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])]  # fmt: skip
     for entry in manifest["modules"]:
         path = entry["path"]
-        assert {sha256(zf.read(path)) for zf in upstream} == {entry["pristine_sha256"]}
+        # null for a module the patches add: no release wheel has it
+        assert {sha256(zf.read(path)) if path in zf.NameToInfo else None
+                for zf in upstream} == {entry["pristine_sha256"]}  # fmt: skip
+        assert (entry["pristine_sha256"] is None) == (path in ADDED)
         assert entry["patched_sha256"] == sha256((REPO / "overlay" / path).read_bytes())
         assert entry["patched_sha256"] != entry["pristine_sha256"]
 
@@ -120,9 +121,9 @@ def test_flavour_plugin_builds_only_it_identically_for_any_arch(tmp_path):
                                   "vllm/model_executor/models/__init__.py"])  # fmt: skip
 def test_build_refuses_an_overlay_file_that_is_not_a_module(tmp_path, path):
     repo = copy_repo(tmp_path / "repo")
-    (repo / "patches/0003-extra.patch").write_text(f"diff --git a/{path} b/{path}\n")
+    (repo / "patches/extra.patch").write_text(f"diff --git a/{path} b/{path}\n")
     with open(repo / "patches/series", "a") as series:
-        series.write("0003-extra.patch\n")
+        series.write("extra.patch\n")
     result = run_build("--offline", "--flavour", "plugin", "--out-dir", str(tmp_path / "out"),
                        repo=repo)  # fmt: skip
     assert result.returncode == 1
@@ -158,7 +159,7 @@ for name in sys.argv[2:]:  # imported before vLLM loads its plugins
 from vllm.plugins import load_general_plugins
 load_general_plugins()
 import vllm
-origins = {m: importlib.util.find_spec(m).origin for m in json.loads(sys.argv[1])}
+origins = {m: getattr(importlib.util.find_spec(m), "origin", None) for m in json.loads(sys.argv[1])}
 print("PROBE " + json.dumps({"origins": origins, "vllm": vllm.__file__}), flush=True)
 """
 
@@ -173,12 +174,15 @@ def probe(env: dict[str, str], *import_first: str) -> tuple[dict[str, Path], Pat
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     found = json.loads(next(ln for ln in lines if ln.startswith("PROBE "))[len("PROBE "):])
-    origins = {m: Path(o) for m, o in found["origins"].items()}
+    origins = {m: Path(o) if o else None for m, o in found["origins"].items()}
     return origins, Path(found["vllm"]).parent, [ln for ln in lines if TAG in ln]
 
 
-def files_under(root: Path) -> dict[str, Path]:
-    return {module: root / path for module, path in TARGETS.items()}
+def files_under(root: Path, release: bool = False) -> dict[str, Path | None]:
+    """Each target's file under `root`; with `release`, None for a module the release
+    lacks (the patches add it)."""
+    return {module: None if release and path in ADDED else root / path
+            for module, path in TARGETS.items()}  # fmt: skip
 
 
 def packaged_files() -> dict[str, Path]:
@@ -197,37 +201,46 @@ def test_applies_on_pristine_vllm_when_vllm_plugins_names_it():
 
 def test_vllm_plugins_without_it_turns_it_off():
     origins, _, lines = probe(pristine_plugin_env({"VLLM_PLUGINS": "lora_filesystem_resolver"}))
-    assert origins == files_under(pristine_vllm())
+    assert origins == files_under(pristine_vllm(), release=True)
     assert lines == []
 
 
-def test_edited_file_changes_nothing_and_warns_with_both_hashes(tmp_path):
-    # A copy of the pristine install (symlinks) whose qwen3_moe.py was edited locally.
+# What a user's vLLM may differ in: a target file edited locally, or a module the
+# patches add that this vLLM has already.
+DIFFERENCES = [TARGETS[EDITED], *ADDED[:1]]
+
+
+@pytest.mark.parametrize("path", DIFFERENCES, ids=["edited", "added"][: len(DIFFERENCES)])
+def test_other_file_changes_nothing_and_warns_with_both_hashes(tmp_path, path):
+    # A copy of the pristine install (symlinks) in which `path` differs from the release.
     shutil.copytree(pristine_vllm() / "vllm", tmp_path / "vllm", copy_function=os.symlink)
-    edited = tmp_path / TARGETS["vllm.model_executor.models.qwen3_moe"]
-    data = edited.read_bytes() + b"\n# edited locally\n"
-    edited.unlink()
-    edited.write_bytes(data)
+    changed = tmp_path / path
+    before = changed.read_bytes() if changed.exists() else None
+    data = (before or b"") + b"\n# edited locally\n"
+    changed.unlink(missing_ok=True)
+    changed.write_bytes(data)
     env = pristine_plugin_env()
     env["PYTHONPATH"] = env["PYTHONPATH"].replace(str(pristine_vllm()), str(tmp_path), 1)
     origins, vllm_dir, lines = probe(env)
     assert vllm_dir == tmp_path / "vllm"
-    assert origins == files_under(tmp_path)  # gemma4 is pristine, yet all or nothing
+    # The others are as the release has them, yet all or nothing.
+    assert origins == {**files_under(tmp_path, release=True), module_name(path): changed}
     (line,) = lines
-    expected = sha256((pristine_vllm() / TARGETS["vllm.model_executor.models.qwen3_moe"]).read_bytes())
+    expected = f"sha256 {sha256(before)}" if before is not None else "no file"
     assert line.startswith("WARNING ")
-    assert "vllm.model_executor.models.qwen3_moe" in line and "gemma4" not in line
-    assert f"expected sha256 {expected}, found {sha256(data)}" in line
+    assert module_name(path) in line
+    assert not [m for m in TARGETS if m != module_name(path) and m in line]
+    assert f"expected {expected}, found sha256 {sha256(data)}" in line
 
 
 def test_module_imported_first_is_refused_by_name():
-    module = "vllm.model_executor.models.qwen3_moe"
-    origins, _, lines = probe(pristine_plugin_env(), module)
-    assert origins == files_under(pristine_vllm())
+    origins, _, lines = probe(pristine_plugin_env(), EDITED)
+    assert origins == files_under(pristine_vllm(), release=True)
     (line,) = lines
-    assert line.startswith("ERROR ") and f"refused, nothing applied: {module} was imported" in line
+    assert line.startswith("ERROR ") and f"refused, nothing applied: {EDITED} was imported" in line
 
 
+@pytest.mark.installed
 def test_inert_on_the_patched_wheel():
     env = {**os.environ, "PYTHONPATH": str(installed_plugin())}  # the venv's vllm: patched CPU wheel
     origins, vllm_dir, lines = probe(env)
@@ -249,7 +262,7 @@ finders = sum(isinstance(f, plugin.OverlayFinder) for f in sys.meta_path)
 print("PARENT " + json.dumps({"pid": os.getpid(), "loaded": loaded, "finders": finders}), flush=True)
 child = os.fork()
 if child == 0:  # like a worker forked after the plugins loaded: the import system asks the finder
-    origin = importlib.util.find_spec("vllm.model_executor.models.qwen3_moe").origin
+    origin = importlib.util.find_spec(sys.argv[1]).origin
     print("CHILD " + json.dumps({"pid": os.getpid(), "origin": origin}), flush=True)
     os._exit(0)
 os.waitpid(child, 0)
@@ -257,7 +270,7 @@ os.waitpid(child, 0)
 
 
 def test_register_is_cheap_idempotent_and_announces_once_per_process():
-    result = subprocess.run([str(VENV / "bin/python"), "-c", REGISTER_TWICE_THEN_FORK],
+    result = subprocess.run([str(VENV / "bin/python"), "-c", REGISTER_TWICE_THEN_FORK, EDITED],
                             env=pristine_plugin_env(), capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -267,7 +280,7 @@ def test_register_is_cheap_idempotent_and_announces_once_per_process():
     assert parent["finders"] == 1
     announced = [int(m) for ln in lines if APPLIED in ln for m in re.findall(r"\[pid (\d+)\]", ln)]
     assert announced == [parent["pid"], child["pid"]]
-    assert Path(child["origin"]) == packaged_files()["vllm.model_executor.models.qwen3_moe"]
+    assert Path(child["origin"]) == packaged_files()[EDITED]
 
 
 # ---- the user's check command --------------------------------------------------------
@@ -290,11 +303,13 @@ def test_check_command_reports_turned_off():
     result = check_command(pristine_plugin_env({"VLLM_PLUGINS": "none"}))
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"VLLM_PLUGINS=none: EXCLUDES {PLUGIN_NAME}" in result.stdout
-    for module, path in files_under(pristine_vllm()).items():
-        assert f"{module}: NOT patched: vLLM imports {path}" in result.stdout
+    for module, path in files_under(pristine_vllm(), release=True).items():
+        said = f"vLLM imports {path}" if path else "no such module"
+        assert f"{module}: NOT patched: {said}" in result.stdout
     assert result.stdout.splitlines()[-1] == "result: NOT fixed"
 
 
+@pytest.mark.installed
 def test_check_command_on_the_patched_wheel():
     result = check_command({**os.environ, "PYTHONPATH": str(installed_plugin())})
     assert result.returncode == 0, result.stdout + result.stderr

@@ -2,9 +2,10 @@
 
 vLLM calls register() in every process it starts, before any model code is
 imported. If every target file of the installed vLLM is byte-identical to the
-pinned release's pristine file, register() puts an import hook on
-sys.meta_path that serves those modules from the overlay files packaged here
-(verbatim copies of overlay/). Otherwise it changes nothing and logs why.
+pinned release's pristine file (or, for a module the patches add, absent),
+register() puts an import hook on sys.meta_path that serves those modules from
+the overlay files packaged here (verbatim copies of overlay/). Otherwise it
+changes nothing and logs why.
 
 Standard library only: loading the plugin imports neither torch nor vLLM.
 """
@@ -73,9 +74,9 @@ def _manifest_problem(info) -> str | None:
 class Target:
     module: str
     path: str  # relative to the directory holding the vllm package, e.g. vllm/model_executor/...
-    pristine_sha256: str
+    pristine_sha256: str | None  # None: the release has no such file (the patches add it)
     patched_sha256: str
-    found_sha256: str  # the installed file's, or "missing"
+    found_sha256: str | None  # the installed file's, or None: there is none
 
     @property
     def state(self) -> str:
@@ -106,13 +107,17 @@ def installed_root() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]).parent
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except IsADirectoryError:
         return "a directory"
     except OSError:
-        return "missing"
+        return None
+
+
+def describe(sha256: str | None) -> str:
+    return f"sha256 {sha256}" if sha256 else "no file"
 
 
 def plan() -> Plan:
@@ -121,7 +126,7 @@ def plan() -> Plan:
     root = installed_root()
     targets = [
         Target(m["module"], m["path"], m["pristine_sha256"], m["patched_sha256"],
-               _sha256(root / m["path"]) if root else "missing")
+               _sha256(root / m["path"]) if root else None)
         for m in info["modules"]
     ]  # fmt: skip
     tag = f"vllm-moe-overlay {info['label']}"
@@ -133,8 +138,8 @@ def plan() -> Plan:
     if others:
         return Plan("mismatch", targets, [(logging.WARNING, (
             f"{tag}: not applied, nothing changed: {t.module} is not vLLM "
-            f"{info['vllm_version']}'s file (expected sha256 {t.pristine_sha256}, "
-            f"found {t.found_sha256})")) for t in others])  # fmt: skip
+            f"{info['vllm_version']}'s file (expected {describe(t.pristine_sha256)}, "
+            f"found {describe(t.found_sha256)})")) for t in others])  # fmt: skip
     imported = [t.module for t in targets if t.module in sys.modules]
     if imported:
         return Plan("imported", targets, [(logging.ERROR, (

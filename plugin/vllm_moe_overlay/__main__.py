@@ -13,7 +13,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import NAME, ManifestError, installed_root, manifest, plan
+from . import NAME, ManifestError, describe, installed_root, manifest, plan
 
 GROUP = "vllm.general_plugins"
 
@@ -66,9 +66,10 @@ def check() -> bool:
             status = "fixed already: the installed file carries the patch"
         else:
             fixed = False
-            status = f"NOT patched: vLLM imports {origin}"
+            status = f"NOT patched: vLLM imports {origin}" if origin else "NOT patched: no such module"
             if target.state != "pristine":
-                status += f" (sha256 {target.found_sha256}, plugin expects {target.pristine_sha256})"
+                status += (f" ({describe(target.found_sha256)}, plugin expects "
+                           f"{describe(target.pristine_sha256)})")  # fmt: skip
         print(f"{target.module}: {status}")
     return fixed
 

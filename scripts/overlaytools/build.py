@@ -78,6 +78,7 @@ def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
     for patch in patches:
         patching.check_format(patch)
     members = patching.touched_files(patches)
+    added = patching.added_files(patches)
     if plugin:  # refuse up front a file an import hook cannot serve
         for member in members:
             plugin_wheel.module_name(member)
@@ -94,7 +95,7 @@ def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
         for n, artifact in enumerate(artifacts, 1):
             log(f"[{n}/{len(artifacts)}] {artifact.filename}")
             with fetch.open_verified(artifact, version, cache, args.offline) as source:
-                pristine = sources.wheel_members(source, members, artifact.filename)
+                pristine = sources.wheel_members(source, members, artifact.filename, added)
                 patched = patching.check(pristine, patches)
                 log(f"  sha256 ok; {len(patches)} patches apply; overlay matches")
                 if plugin:

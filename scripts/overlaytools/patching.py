@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import re
 import subprocess
@@ -17,6 +18,8 @@ from .lock import REPO
 PATCHES = REPO / "patches"
 OVERLAY = REPO / "overlay"
 _DIFF_HEADER = re.compile(r"^diff --git a/(\S+) b/", re.M)
+# A file's `diff --git` line and extended header (mode, index, new/deleted file, rename).
+_FILE_HEADER = re.compile(r"^diff --git a/(\S+) b/(\S+)\n(?:[a-z].*\n)*", re.M)
 _FAILED_AT = re.compile(r"patch failed: (\S+):(\d+)")
 _ORIGIN = re.compile(r"^Origin: *(\S.*)$", re.M)
 
@@ -25,20 +28,54 @@ def series(patches_dir: Path = PATCHES) -> list[Path]:
     """The patches in the order `patches/series` lists them."""
     listing = patches_dir / "series"
     try:
-        names = [n for n in listing.read_text().split() if not n.startswith("#")]
+        text = listing.read_text()
     except OSError as exc:
         raise OverlayError(f"cannot read {listing}: {exc.strerror}") from None
+    names = series_names(text, listing)
     missing = [n for n in names if not (patches_dir / n).is_file()]
     if missing:
         raise OverlayError(f"{listing} names missing patch(es): {', '.join(missing)}")
     return [patches_dir / n for n in names]
 
 
+def series_names(text: str, listing: Path | str = "series") -> list[str]:
+    """The patch names of a series in quilt's format: one per line, `#` starts a
+    comment (a whole line, or after the name and options), blank lines are ignored.
+    The only option is -p1, how every patch is applied."""
+    names: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        name, options = words[0], list(itertools.takewhile(lambda w: not w.startswith("#"), words[1:]))
+        where = f"{listing} line {number}"
+        if "/" in name or ".." in name:
+            raise OverlayError(f"{where}: {name!r} leaves patches/: name a patch file there, "
+                               "without a folder")  # fmt: skip
+        unsupported = [o for o in options if o != "-p1"]
+        if unsupported:
+            raise OverlayError(f"{where}: option {unsupported[0]!r} is not supported: every "
+                               "patch applies with -p1")  # fmt: skip
+        if name in names:
+            raise OverlayError(f"{where}: {name} is listed twice")
+        names.append(name)
+    return names
+
+
+def series_header(text: str) -> str:
+    """The comment and blank lines before a series' first patch name."""
+    lines = text.splitlines(keepends=True)
+    kept = 0
+    while kept < len(lines) and (not lines[kept].strip() or lines[kept].lstrip().startswith("#")):
+        kept += 1
+    return "".join(lines[:kept])
+
+
 def touched_files(patches: list[Path]) -> list[str]:
-    """Repository-relative paths the patches change, in first-seen order."""
+    """Repository-relative paths the patches change or add, in first-seen order."""
     paths: dict[str, None] = {}
     for patch in patches:
-        paths.update(dict.fromkeys(_DIFF_HEADER.findall(patch.read_text())))
+        paths.update(dict.fromkeys(_file_headers(patch)))
     return list(paths)
 
 
@@ -110,6 +147,27 @@ def check_format(patch: Path) -> None:
         raise OverlayError(f"{patch.name} has no 'diff --git' section: it changes no file")
 
 
+def added_files(patches: list[Path]) -> list[str]:
+    """The touched files that a patch creates: the release has no such file."""
+    return [rel for patch in patches for rel, header in _file_headers(patch).items()
+            if "\nnew file mode " in header]  # fmt: skip
+
+
+def _file_headers(patch: Path) -> dict[str, str]:
+    """Each file of a patch -> its `diff --git` line and extended header; refuses a
+    patch that deletes, renames or copies a file."""
+    headers = {}
+    for found in _FILE_HEADER.finditer(patch.read_text()):
+        old, new, header = found.group(1), found.group(2), found.group(0)
+        what = ("deletes" if "\ndeleted file mode " in header else "copies" if "\ncopy from "
+                in header else "renames" if old != new else "")  # fmt: skip
+        if what:
+            raise OverlayError(f"{patch.name} {what} {old}: patches may change or add files, "
+                               "not delete, rename or copy them")  # fmt: skip
+        headers[new] = header
+    return headers
+
+
 def origin(message: str) -> str | None:
     """The `Origin:` provenance field of a commit message or patch header, if any."""
     found = _ORIGIN.search(message.split("\n---\n", 1)[0])
@@ -165,7 +223,8 @@ def _git_apply(root: Path, env: dict[str, str], patch: Path, *flags: str):
 
 
 def apply(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
-    """Pristine files + patches, applied in order by `git apply` (no fuzz, exact context)."""
+    """Pristine files + patches, applied in order by `git apply` (no fuzz, exact context),
+    and the files the patches add."""
     with _file_tree(pristine) as (root, env):
         for patch in patches:
             before = _tree(root)
@@ -174,7 +233,7 @@ def apply(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
                 raise OverlayError(_describe_failure(patch, result.stderr))
             if _tree(root) == before:
                 raise OverlayError(f"{patch.name} changes no file of the wheel")
-        return {rel: (root / rel).read_bytes() for rel in pristine}
+        return {rel: (root / rel).read_bytes() for rel in [*pristine, *added_files(patches)]}
 
 
 def _tree(root: Path) -> dict[str, bytes]:

@@ -83,7 +83,8 @@ def manifest(version: str, label: str, patches: list[Path], pristine: dict[str, 
         ],
         "modules": [
             {"module": module_name(path), "path": path,
-             "pristine_sha256": hashlib.sha256(pristine[path]).hexdigest(),
+             # None: a module the patches add, which the release does not have
+             "pristine_sha256": hashlib.sha256(pristine[path]).hexdigest() if path in pristine else None,
              "patched_sha256": hashlib.sha256(patched[path]).hexdigest()}
             for path in sorted(patched)
         ],  # fmt: skip

@@ -107,14 +107,14 @@ def export_queue(args: argparse.Namespace) -> None:
     if not commits:
         raise OverlayError(f"{args.dir} has no commits on top of {UPSTREAM}: nothing to export")
     for commit in commits:
-        _check_commit(git, commit, pins)
+        _check_commit(git, commit)
     with tempfile.TemporaryDirectory(prefix="patch-queue-") as tmp:
         raw = git.format_patches(f"{UPSTREAM}..HEAD", Path(tmp) / "raw")
         for patch in raw:
             patching.check_format(patch)
         touched = patching.touched_files(raw)
         pristine = sources.pinned_pristine(pins, touched, args.cache_dir or fetch.default_cache_dir(),
-                                           args.offline)  # fmt: skip
+                                           args.offline, patching.added_files(raw))  # fmt: skip
         fresh = gitrepo.normalize(pristine, raw)
         staged = Path(tmp) / "patches"
         staged.mkdir()
@@ -166,8 +166,8 @@ def _queue(path: Path, pins: lock.Lock) -> gitrepo.Git:
     return git
 
 
-def _check_commit(git: gitrepo.Git, commit: str, pins: lock.Lock) -> None:
-    """A commit becomes a patch only with its provenance, and changing release files only."""
+def _check_commit(git: gitrepo.Git, commit: str) -> None:
+    """A commit becomes a patch only with its provenance, and only if it changes or adds files."""
     if patching.origin(git.out("log", "-1", "--format=%B", commit)) is None:
         raise OverlayError(
             f"{_describe(git, commit)} has no 'Origin:' line: add its provenance (Origin, Bug, "
@@ -188,10 +188,10 @@ def _check_commit(git: gitrepo.Git, commit: str, pins: lock.Lock) -> None:
         if problem:
             raise OverlayError(f"{_describe(git, commit)} changes {rel}, which the build refuses: "
                                f"{problem}")  # fmt: skip
-        if status != "M":
-            what = {"A": "adds", "D": "deletes"}.get(status, f"changes the type of ({status})")
-            raise OverlayError(f"{_describe(git, commit)} {what} {rel}: patches may only modify "
-                               f"files that vLLM {pins.pin} has")  # fmt: skip
+        if status not in ("M", "A"):
+            what = "deletes" if status == "D" else f"changes the type of ({status})"
+            raise OverlayError(f"{_describe(git, commit)} {what} {rel}: patches may change "
+                               "or add files, not delete or rename them")  # fmt: skip
 
 
 def _describe(git: gitrepo.Git, commit: str) -> str:

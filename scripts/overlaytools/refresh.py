@@ -43,7 +43,8 @@ def refresh(args: argparse.Namespace) -> None:
     members = patching.touched_files(patches)
     patching.refuse_strays(members)
     cache = args.cache_dir or fetch.default_cache_dir()
-    pristine = sources.pinned_pristine(pins, members, cache, args.offline)
+    pristine = sources.pinned_pristine(pins, members, cache, args.offline,
+                                       patching.added_files(patches))  # fmt: skip
     if args.overlays:
         writeback.overlays(patching.apply(pristine, patches))
         return

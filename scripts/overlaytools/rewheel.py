@@ -3,8 +3,9 @@
 `wheel unpack` + `wheel pack` inflates and deflates all 1.17 GB of the CUDA
 wheel (59 s here) and renames the platform tag after the WHEEL file. Here the
 unchanged members' local records (header and compressed data) are copied as
-raw byte ranges; only the changed files and the renamed dist-info are
-written anew, and RECORD reuses upstream's rows for unchanged members.
+raw byte ranges; only the changed and added files and the renamed
+dist-info are written anew, and RECORD reuses upstream's rows for unchanged
+members.
 """
 
 from __future__ import annotations
@@ -84,22 +85,26 @@ def rewrite(
     name: str,
     version: str,
     upstream_version: str,
-    replaced: dict[str, bytes],
+    files: dict[str, bytes],
 ) -> None:
     """Write `source` (an upstream wheel) to `out_path` as `name` `version`.
 
-    `replaced` maps member names to their new content. Besides those, only
-    vllm/_version.py and the dist-info (renamed; METADATA and RECORD
-    rewritten) change; every other member keeps its bytes.
+    `files` maps member names to their new content; a name the wheel lacks is
+    added, just before the dist-info, with vllm/_version.py's timestamp and
+    mode. Besides those, only vllm/_version.py and the dist-info (renamed;
+    METADATA and RECORD rewritten) change; every other member keeps its bytes.
     """
     zin = zipfile.ZipFile(source)
     old_di = dist_info_dir(zin)
     new_di = f"{name}-{version}.dist-info"
-    missing = [m for m in replaced if m not in zin.NameToInfo]
-    if missing:
-        raise OverlayError(f"the wheel has no member {', '.join(missing)}")
+    template = zin.getinfo("vllm/_version.py")
+    added = {}
+    for member in sorted(m for m in files if m not in zin.NameToInfo):
+        added[member] = zipfile.ZipInfo(member, date_time=template.date_time)
+        added[member].external_attr = template.external_attr
+        added[member].create_system = template.create_system
 
-    content = dict(replaced)
+    content = {m: data for m, data in files.items() if m not in added}
     content["vllm/_version.py"] = set_version_module(
         zin.read("vllm/_version.py"), upstream_version, version
     )
@@ -122,20 +127,22 @@ def rewrite(
             rows.append([new_name, *upstream_rows[info.filename]])
         else:
             raise OverlayError(f"upstream RECORD has no row for {info.filename}")
+    rows += [[member, record_hash(files[member]), str(len(files[member]))] for member in added]
     rows.append([record_name, "", ""])
     record = io.StringIO()
     csv.writer(record, lineterminator="\n").writerows(rows)
     content[f"{old_di}/RECORD"] = record.getvalue().encode("utf-8")
 
     with open(out_path, "wb") as out, zipfile.ZipFile(out, "w") as zout:
-        _write_members(zin, source, zout, content, old_di, new_di)
+        _write_members(zin, source, zout, content, old_di, new_di,
+                       {info: files[member] for member, info in added.items()})  # fmt: skip
 
 
 def _renamed(member: str, old_di: str, new_di: str) -> str:
     return new_di + member[len(old_di) :] if member.startswith(f"{old_di}/") else member
 
 
-def _write_members(zin, source, zout, content, old_di, new_di) -> None:
+def _write_members(zin, source, zout, content, old_di, new_di, added) -> None:
     infos = sorted(zin.infolist(), key=lambda i: i.header_offset)
     ends = [i.header_offset for i in infos[1:]] + [zin.start_dir]
     run: list[tuple[zipfile.ZipInfo, int]] = []  # unchanged members awaiting a raw copy
@@ -145,12 +152,20 @@ def _write_members(zin, source, zout, content, old_di, new_di) -> None:
             continue
         _copy_raw(run, source, zout)
         run = []
+        if info.filename.startswith(f"{old_di}/"):
+            for extra, data in added.items():  # the added files go just before the dist-info
+                _write(zout, extra, data)
+            added = {}
         new = zipfile.ZipInfo(_renamed(info.filename, old_di, new_di), date_time=info.date_time)
         new.external_attr = info.external_attr
         new.create_system = info.create_system
-        new.compress_type = zipfile.ZIP_DEFLATED
-        zout.writestr(new, content[info.filename])
+        _write(zout, new, content[info.filename])
     _copy_raw(run, source, zout)
+
+
+def _write(zout: zipfile.ZipFile, info: zipfile.ZipInfo, data: bytes) -> None:
+    info.compress_type = zipfile.ZIP_DEFLATED
+    zout.writestr(info, data)
 
 
 def _copy_raw(run, source: BinaryIO, zout: zipfile.ZipFile) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,19 +18,27 @@ def host_arch() -> str:
     return machine if machine in lock.ARCHES else "x86_64"
 
 
-def wheel_members(source: BinaryIO, members: list[str], filename: str) -> dict[str, bytes]:
+def wheel_members(source: BinaryIO, members: list[str], filename: str,
+                  added: Collection[str] = ()) -> dict[str, bytes]:  # fmt: skip
+    """The wheel's files among `members`; those in `added` (files the series
+    creates) must not be in it, the others must."""
     with zipfile.ZipFile(source) as zf:
-        missing = [m for m in members if m not in zf.NameToInfo]
+        present = [m for m in added if m in zf.NameToInfo]
+        if present:
+            raise OverlayError(f"{filename} already has {', '.join(present)}, which the series "
+                               "adds: patch the release's file instead")  # fmt: skip
+        missing = [m for m in members if m not in zf.NameToInfo and m not in added]
         if missing:
             raise OverlayError(f"{filename} has no {', '.join(missing)}")
-        return {m: zf.read(m) for m in members}
+        return {m: zf.read(m) for m in members if m not in added}
 
 
-def pinned_pristine(pins: lock.Lock, members: list[str], cache: Path, offline: bool) -> dict[str, bytes]:
+def pinned_pristine(pins: lock.Lock, members: list[str], cache: Path, offline: bool,
+                    added: Collection[str] = ()) -> dict[str, bytes]:  # fmt: skip
     """The pin's pristine files, from its (smallest) CPU wheel for this machine."""
     (artifact,) = pins.wheels(pins.pin, ["cpu"], [host_arch()])
     with fetch.open_verified(artifact, pins.pin, cache, offline) as source:
-        return wheel_members(source, members, artifact.filename)
+        return wheel_members(source, members, artifact.filename, added)
 
 
 def release_sources(pins: lock.Lock, cache: Path, offline: bool) -> tuple[lock.Artifact, dict[str, bytes]]:

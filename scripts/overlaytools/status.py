@@ -119,11 +119,12 @@ def _verdicts(patches: list[Path], source, filename: str) -> list[Verdict]:
     for patch in patches:
         touched = patching.touched_files([patch])
         try:
-            files.update(sources.wheel_members(source, [r for r in touched if r not in files], filename))
+            files.update(sources.wheel_members(source, [r for r in touched if r not in files],
+                                               filename, patching.added_files([patch])))  # fmt: skip
         except OverlayError as exc:
             verdicts.append(Verdict(patch.name, CONFLICTS, str(exc)))
             continue
-        mine = {rel: files[rel] for rel in touched}
+        mine = {rel: files[rel] for rel in touched if rel in files}
         verdicts.append(_verdict(patch, mine))
         if verdicts[-1].state == APPLIES:
             files.update(patching.apply(mine, [patch]))

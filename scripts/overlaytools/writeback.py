@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from . import patching
+from .errors import OverlayError
 from .fetch import log
 
 
@@ -29,7 +30,7 @@ def patches(old: list[str], fresh: dict[str, bytes], patches_dir: Path = patchin
         written = replace(patches_dir / name, data)
         changed += written
         log(f"{'unchanged' if not written else 'updated' if name in old else 'added'} patches/{name}")
-    changed += replace(patches_dir / "series", "".join(f"{n}\n" for n in fresh).encode())
+    changed += _series(patches_dir / "series", list(fresh))
     for name in old:
         if name not in fresh and (patches_dir / name).exists():
             (patches_dir / name).unlink()
@@ -44,9 +45,10 @@ def overlays(patched: dict[str, bytes], prune: bool = False,
     there. The number of files changed."""
     changed = 0
     for rel, data in patched.items():
+        existed = (overlay_dir / rel).exists()
         written = replace(overlay_dir / rel, data)
         changed += written
-        log(f"{'updated' if written else 'unchanged'} overlay/{rel}")
+        log(f"{'unchanged' if not written else 'updated' if existed else 'added'} overlay/{rel}")
     if not prune:
         return changed
     for rel in patching.overlay_files(overlay_dir):
@@ -58,3 +60,19 @@ def overlays(patched: dict[str, bytes], prune: bool = False,
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     return changed
+
+
+def _series(listing: Path, names: list[str]) -> bool:
+    """Leave the series alone when it lists `names` already (comments and all);
+    otherwise write its header comments, then one name per line."""
+    text = listing.read_text() if listing.is_file() else ""
+    try:
+        if patching.series_names(text, listing) == names:
+            return False
+    except OverlayError:
+        pass  # a broken series is replaced
+    header = patching.series_header(text)
+    if any(len(line.split()) > 1 or line.lstrip().startswith("#")
+           for line in text[len(header):].splitlines()):  # fmt: skip
+        log(f"{listing.name}: comments and options after the first patch name were not kept")
+    return replace(listing, (header + "".join(f"{n}\n" for n in names)).encode())

@@ -1,0 +1,54 @@
+"""What the tests know of the patch series, read from patches/series and the
+patches themselves: no test names a patch, a patched file or how many there are."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from build_helpers import REPO
+from overlaytools import patching
+
+PATCHES = patching.series(REPO / "patches")
+FILES = patching.touched_files(PATCHES)  # every file the series changes or adds
+ADDED = patching.added_files(PATCHES)  # files the release does not have
+CHANGED = [rel for rel in FILES if rel not in ADDED]  # the release's files the series changes
+# The provenance a commit made by a test carries, in the form every patch must have.
+TEST_PROVENANCE = (
+    "Origin: backport, https://example.invalid/vllm/pull/1\n"
+    "Bug: https://example.invalid/vllm/issues/1\n"
+    "Applied-Upstream: 99.0.0\n"
+    "Backport: a test commit, made by the test suite to exercise the tools; upstream has no such change\n"
+)
+
+
+def files_of(patch: Path) -> list[str]:
+    return patching.touched_files([patch])
+
+
+def module_name(path: str) -> str:
+    """vllm/a/b.py -> vllm.a.b: the module an import of the file gives."""
+    return path.removesuffix(".py").replace("/", ".")
+
+
+MODULES = {module_name(rel): rel for rel in FILES}
+
+
+def provenance(patch: Path) -> dict[str, str]:
+    """The `Field: value` lines of a patch's message."""
+    message = patch.read_text().split("\n---\n", 1)[0]
+    return dict(re.findall(r"^([A-Z][\w-]+): (.+)$", message, re.M))
+
+
+def owners(rel: str) -> list[str]:
+    """The names of the patches that change `rel`."""
+    return [p.name for p in PATCHES if rel in files_of(p)]
+
+
+def patch_alone_on_its_files() -> Path:
+    """The first patch that alone changes each of its files, all of which the
+    release has: a refresh rebuilds it from the overlay."""
+    for patch in PATCHES:
+        if all(owners(rel) == [patch.name] and rel not in ADDED for rel in files_of(patch)):
+            return patch
+    raise AssertionError("no patch changes only release files that no other patch changes")
