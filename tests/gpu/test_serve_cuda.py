@@ -120,7 +120,7 @@ def variant_env() -> dict[str, str]:
     return server_env(extra)
 
 
-def finish(name: str, server: Server, served: Served) -> None:
+def finish(name: str, server: Server, served: Served, prompts: list[list[int]]) -> None:
     """Wait for one started server, take its greedy completions, stop it. Records any
     failure in `served` instead of raising, so the other servers go on."""
     try:
@@ -128,7 +128,7 @@ def finish(name: str, server: Server, served: Served) -> None:
         served.startup_seconds = server.startup_seconds
         served.version = server.get("/version").json()["version"]
         model = SETUPS[name].checkpoint
-        served.completions = [greedy_completion(server, model, p, MAX_TOKENS, TOP_K) for p in PROMPTS]
+        served.completions = [greedy_completion(server, model, p, MAX_TOKENS, TOP_K) for p in prompts]
     except Exception as error:  # noqa: BLE001 - reported by the tests of this server
         served.error = f"{name}: {type(error).__name__}: {error}"
     finally:
@@ -150,9 +150,13 @@ def fleet(checkpoints, tmp_path_factory) -> dict[str, Served]:
         servers[name] = start_server(serve_command(checkpoints / setup.checkpoint, setup),
                                      fleet[name].log, own_env)  # fmt: skip
         time.sleep(2)  # staggered: the processes do not all import at the same instant
+    prompts = prompt_ids(checkpoints)
     with ThreadPoolExecutor(len(servers)) as pool:
-        for name, server in servers.items():
-            pool.submit(finish, name, server, fleet[name])
+        done = {name: pool.submit(finish, name, server, fleet[name], prompts)
+                for name, server in servers.items()}  # fmt: skip
+    for name, future in done.items():
+        if future.exception() and not fleet[name].error:
+            fleet[name].error = f"{name}: {future.exception()!r}"
     outputs = {name: {"tokens": [c.tokens for c in run.completions],
                       "logprobs": [c.logprobs for c in run.completions],
                       "attention": attention_backend(run), "startup_seconds": run.startup_seconds}
@@ -163,6 +167,13 @@ def fleet(checkpoints, tmp_path_factory) -> dict[str, Served]:
         gpu_env.record("server", name=name, startup_seconds=round(run.startup_seconds, 1),
                        attention=attention_backend(run), error=run.error)  # fmt: skip
     return fleet
+
+
+def prompt_ids(checkpoints: Path) -> list[list[int]]:
+    """PROMPTS as token ids (both checkpoints share one tokenizer): the servers and
+    transformers get the same ids."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints / PLAIN)
+    return [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
 
 
 def attention_backend(run: Served) -> str:
@@ -190,11 +201,10 @@ def test_bfloat16_takes_flash_attention(fleet, name):
 
 def test_routed_checkpoint_matches_transformers_on_the_gpu(fleet, checkpoints):
     run = fleet["routed-fp32-eager"].require()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoints / PLAIN)
     model = Qwen3MoeForCausalLM.from_pretrained(checkpoints / PLAIN, dtype=torch.float32)
     model = model.to("cuda").eval()
-    for prompt, served in zip(PROMPTS, run.completions, strict=True):
-        reference = transformers_greedy(model, tokenizer(prompt)["input_ids"], MAX_TOKENS, TOP_K)
+    for ids, served in zip(prompt_ids(checkpoints), run.completions, strict=True):
+        reference = transformers_greedy(model, ids, MAX_TOKENS, TOP_K)
         assert_logprobs_close(reference, served, atol=TRANSFORMERS_LOGPROB_ATOL)
 
 
