@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, Qwen3MoeForCausalLM  # noqa: E402
 PLAIN, SHARED = "qwen3-moe-tiny", "qwen3-moe-tiny-shared"
 PROMPTS = ["The quick brown fox", "Hello, world!", "Mixture of experts: ", "Grüße ✓"]
 MAX_TOKENS, TOP_K = 16, 5
-STARTUP_TIMEOUT = 420.0  # several servers start at once on a shared host
+STARTUP_TIMEOUT = 330.0  # twelve servers may start at once (four per variant)
 # Each server's share of the GPU: several servers per process, three processes at once.
 # A fixed KV cache skips vLLM's memory profiling, whose free-memory check assumes no
 # other process on the GPU changes its usage meanwhile.
