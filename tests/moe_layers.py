@@ -160,13 +160,14 @@ def pristine_source(name: str) -> bytes:
     return sources.pinned_pristine(lock.load(), [member], fetch.default_cache_dir(), True)[member]
 
 
-def load_pristine(name: str, workdir: Path) -> ModuleType:
-    """Upstream's models/<name>.py imported as vllm.model_executor.models._pristine_<name>."""
+def load_pristine(name: str, workdir: Path, source: bytes | None = None) -> ModuleType:
+    """Upstream's models/<name>.py (by default from the build cache) imported as
+    vllm.model_executor.models._pristine_<name>."""
     qualname = f"{MODELS_PACKAGE}._pristine_{name}"
     if qualname in sys.modules:
         return sys.modules[qualname]
     path = workdir / f"_pristine_{name}.py"
-    path.write_bytes(pristine_source(name))
+    path.write_bytes(source or pristine_source(name))
     spec = importlib.util.spec_from_file_location(qualname, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[qualname] = module

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,6 +54,12 @@ def pristine_vllm() -> Path:
     return pip_install_target(upstream_path(artifact), VENV / "pristine", artifact.sha256)
 
 
+def pristine_cuda_vllm() -> Path:
+    """Upstream's CUDA vLLM 0.19.1 wheel (sha256-verified) installed beside the test venv."""
+    (artifact,) = PINS.wheels(PINS.pin, ["cuda"], [platform.machine()])
+    return pip_install_target(upstream_path(artifact), VENV / "pristine-cuda", artifact.sha256)
+
+
 def installed_plugin() -> Path:
     """dist/'s plugin wheel installed beside the test venv (one directory per wheel)."""
     digest = hashlib.sha256(PLUGIN_WHEEL.read_bytes()).hexdigest()
@@ -67,3 +74,17 @@ def pristine_plugin_path() -> str:
 def pristine_plugin_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """`base` (by default this process's environment) running pristine 0.19.1 + the plugin."""
     return {**(os.environ if base is None else base), "PYTHONPATH": pristine_plugin_path()}
+
+
+def plugin_log(log: Path) -> tuple[dict[str, int], set[int], dict[int, set[str]]]:
+    """From a vLLM server's log: vLLM's process names with their pids, the pids that
+    logged the plugin's INFO line, and per pid the modules the plugin served there
+    (logged at DEBUG)."""
+    text = log.read_text(errors="replace")
+    names = {name: int(pid) for name, pid in re.findall(r"^\((\w+) pid=(\d+)\)", text, re.M)}
+    applied = {int(pid) for pid in re.findall(
+        rf"{re.escape(APPLIED)}.*\[pid (\d+)\]$", text, re.M)}  # fmt: skip
+    served: dict[int, set[str]] = {}
+    for module, pid in re.findall(r"serving (\S+) from \S+ \[pid (\d+)\]$", text, re.M):
+        served.setdefault(int(pid), set()).add(module)
+    return names, applied, served

@@ -77,10 +77,9 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **SERVER_ENV, **(extra or {})}
 
 
-@contextmanager
-def running_server(command: list[str], log: Path, env: dict[str, str]) -> Iterator[Server]:
-    """`command` (a vLLM server without --host/--port) serving on a free loopback
-    port; on exit the whole process group is stopped, whatever happened."""
+def start_server(command: list[str], log: Path, env: dict[str, str]) -> Server:
+    """`command` (a vLLM server without --host/--port) started on a free loopback port,
+    in a process group of its own; not waited for (see wait_until_healthy, stop)."""
     port = free_port()
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -88,7 +87,14 @@ def running_server(command: list[str], log: Path, env: dict[str, str]) -> Iterat
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             env=env, start_new_session=True,
         )  # fmt: skip
-    server = Server(process, f"http://{HOST}:{port}", log)
+    return Server(process, f"http://{HOST}:{port}", log)
+
+
+@contextmanager
+def running_server(command: list[str], log: Path, env: dict[str, str]) -> Iterator[Server]:
+    """`command` (a vLLM server without --host/--port) serving on a free loopback
+    port; on exit the whole process group is stopped, whatever happened."""
+    server = start_server(command, log, env)
     try:
         wait_until_healthy(server)
         yield server
@@ -182,6 +188,23 @@ def token_id(token: str) -> int:
     prefix, _, number = token.partition(":")
     assert prefix == "token_id", token
     return int(number)
+
+
+def transformers_greedy(model, prompt_ids: list[int], max_tokens: int, top_k: int) -> Completion:
+    """Greedy tokens of a transformers causal LM, with the top_k logprobs at each step."""
+    import torch
+
+    ids, tokens, logprobs, top = list(prompt_ids), [], [], []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            step = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().log_softmax(-1)
+            token = int(step.argmax())
+            best = step.topk(top_k)
+            tokens.append(token)
+            logprobs.append(float(step[token]))
+            top.append(dict(zip(best.indices.tolist(), best.values.tolist())))
+            ids.append(token)
+    return Completion(tokens, logprobs, top)
 
 
 def assert_logprobs_close(reference: Completion, tested: Completion, atol: float) -> None:

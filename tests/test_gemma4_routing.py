@@ -18,6 +18,7 @@ import pytest
 import torch
 from moe_fixtures import Kernel
 from moe_layers import HIDDEN, NUM_EXPERTS, TOP_K, build_gemma4_moe, gemma4_config, load_variant, vllm_config
+from references import gemma4_routing
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -98,14 +99,6 @@ def dense(weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return out.scatter(1, ids.long(), weights.detach().double())
 
 
-def reference_routing(logits: torch.Tensor, top_k: int, scale: torch.Tensor) -> torch.Tensor:
-    """Gemma4's rule in float64: softmax over all experts, top-k, renormalise, times scale."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    top, ids = probs.topk(top_k, dim=-1)
-    weights = top / top.sum(dim=-1, keepdim=True) * scale.detach().double()[ids]
-    return torch.zeros_like(probs).scatter(1, ids, weights)
-
-
 def route(moe: torch.nn.Module, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return dense(*moe.experts.router.select_experts(hidden, logits))
 
@@ -129,11 +122,11 @@ def test_functional_call_substitutes_per_expert_scale(gemma4):
 
     # pristine: the closure still scales by the module's own tensor
     used = own_values if gemma4.expect_bug else substitute
-    assert_routing(gemma4, got, reference_routing(logits, TOP_K, used))
+    assert_routing(gemma4, got, gemma4_routing(logits, TOP_K, used))
     # afterwards the module has its own Parameter back, and the routing uses it
     assert moe.per_expert_scale is own
     assert torch.equal(own.detach(), own_values)
-    assert_routing(gemma4, route(moe, hidden, logits), reference_routing(logits, TOP_K, own_values))
+    assert_routing(gemma4, route(moe, hidden, logits), gemma4_routing(logits, TOP_K, own_values))
 
 
 def test_replaced_parameter_reaches_routing(gemma4):
@@ -145,7 +138,7 @@ def test_replaced_parameter_reaches_routing(gemma4):
     hidden, logits = random_inputs(tokens=16, seed=4, dtype=gemma4.dtype)
 
     used = old_values if gemma4.expect_bug else moe.per_expert_scale
-    assert_routing(gemma4, route(moe, hidden, logits), reference_routing(logits, TOP_K, used))
+    assert_routing(gemma4, route(moe, hidden, logits), gemma4_routing(logits, TOP_K, used))
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
@@ -154,5 +147,5 @@ def test_routing_matches_reference(gemma4, top_k, tokens):
     # The routing rule itself is the same in both; only where the scale is read differs.
     moe = build(gemma4, top_k, seed=top_k)
     hidden, logits = random_inputs(tokens, seed=100 * top_k + tokens, dtype=gemma4.dtype)
-    expected = reference_routing(logits, top_k, moe.per_expert_scale)
+    expected = gemma4_routing(logits, top_k, moe.per_expert_scale)
     assert_routing(gemma4, route(moe, hidden, logits), expected)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-import torch.nn.functional as F
 from flops import count_flops
 from moe_fixtures import Kernel, fixed_variant
 from moe_layers import (
@@ -33,6 +32,7 @@ from moe_layers import (
     run,
     vllm_config,
 )
+from references import qwen3_block
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -90,36 +90,10 @@ def tokens(block: Block, count: int, seed: int) -> torch.Tensor:
     return torch.cat(kept)[:count]
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def reference_block(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """The block in float64, dense over all experts.
-
-    Routed: softmax over the gate logits, top-k, renormalised (norm_topk_prob),
-    each expert down(silu(gate) * up). Shared: the same MLP, times
-    sigmoid(shared_expert_gate).
-    """
-    w = block.weights
-    x = x.double()
-    probs = torch.softmax(x @ w["gate.weight"].T, dim=-1)
-    top, ids = probs.topk(TOP_K, dim=-1)
-    routing = torch.zeros_like(probs).scatter(1, ids, top / top.sum(dim=-1, keepdim=True))
-    hidden = swiglu(torch.einsum("th,eoh->teo", x, w["experts.w13_weight"]))
-    experts = torch.einsum("tei,ehi->teh", hidden, w["experts.w2_weight"])
-    out = torch.einsum("te,teh->th", routing, experts)
-    if block.shared:
-        shared = swiglu(x @ w["shared_expert.gate_up_proj.weight"].T)
-        shared = shared @ w["shared_expert.down_proj.weight"].T
-        out += torch.sigmoid(x @ w["shared_expert_gate.weight"].T) * shared
-    return out
-
-
 def assert_matches_reference(block: Block, x: torch.Tensor, out: torch.Tensor) -> None:
     assert out.dtype == block.kernel.dtype
-    torch.testing.assert_close(out.double(), reference_block(block, x), **TOLERANCE[out.dtype])
+    reference = qwen3_block(x, block.weights, TOP_K, block.shared)
+    torch.testing.assert_close(out.double(), reference, **TOLERANCE[out.dtype])
 
 
 def expected_flops(block: Block, count: int, router_gemms: int) -> int:

@@ -5,7 +5,6 @@ case the Qwen3 patch changes), tensor parallelism, bad requests and shutdown."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import zipfile
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import requests
 from build_helpers import PINS, REPO, upstream_path
 from serve_helpers import (
     SERVE_FLAGS, VENV, Completion, Server, assert_logprobs_close, greedy_completion,
-    running_server, server_env, token_id,
+    running_server, server_env, token_id, transformers_greedy,
 )  # fmt: skip
 
 PATCHED_VERSION = PINS.patched_version(PINS.pin, "cpu")
@@ -163,22 +162,6 @@ class TestPlainCheckpoint:
         assert len(greedy_completion(server, PLAIN, "ok", 2, 1).tokens) == 2
 
 
-def transformers_greedy(model, prompt_ids: list[int], max_tokens: int, top_k: int) -> Completion:
-    import torch
-
-    ids, tokens, logprobs, top = list(prompt_ids), [], [], []
-    for _ in range(max_tokens):
-        with torch.no_grad():
-            step = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
-        token = int(step.argmax())
-        best = step.topk(top_k)
-        tokens.append(token)
-        logprobs.append(float(step[token]))
-        top.append(dict(zip(best.indices.tolist(), best.values.tolist())))
-        ids.append(token)
-    return Completion(tokens, logprobs, top)
-
-
 # ---- the shared-expert checkpoint: pristine 0.19.1, TP=1 and TP=2 -----------------------
 
 
@@ -258,19 +241,6 @@ def plugin_tp2(checkpoints, logs) -> ServedRun:
     return serve_and_complete(command, SHARED, logs / "shared-plugin-tp2.log", env)
 
 
-def plugin_log(log: Path) -> tuple[dict[str, int], set[int], dict[int, set[str]]]:
-    """vLLM's process names with their pids, the pids that logged the plugin's INFO line,
-    and per pid the modules the plugin served there."""
-    text = log.read_text(errors="replace")
-    names = {name: int(pid) for name, pid in re.findall(r"^\((\w+) pid=(\d+)\)", text, re.M)}
-    applied = {int(pid) for pid in re.findall(
-        rf"{re.escape(plugin_helpers.APPLIED)}.*\[pid (\d+)\]$", text, re.M)}  # fmt: skip
-    served: dict[int, set[str]] = {}
-    for module, pid in re.findall(r"serving (\S+) from \S+ \[pid (\d+)\]$", text, re.M):
-        served.setdefault(int(pid), set()).add(module)
-    return names, applied, served
-
-
 def test_plugin_on_pristine_matches_the_patched_wheel(plugin_tp1, patched_tp1):
     assert plugin_tp1.version == PINS.pin  # upstream's own package
     for plugin, patched in zip(plugin_tp1.completions, patched_tp1.completions, strict=True):
@@ -290,7 +260,7 @@ def test_plugin_with_tensor_parallel_matches_the_patched_wheel(plugin_tp2, patch
 def test_plugin_applied_in_every_process(run, loaders, request):
     """Each process logged the INFO line; the ones that load the model imported qwen3_moe
     from the plugin."""
-    names, applied, served = plugin_log(request.getfixturevalue(run).server.log)
+    names, applied, served = plugin_helpers.plugin_log(request.getfixturevalue(run).server.log)
     for process in ["APIServer", "EngineCore", *loaders]:
         assert names[process] in applied, process
     for process in loaders:
