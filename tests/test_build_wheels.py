@@ -14,14 +14,12 @@ from build_helpers import (
     DIST, PINS, REPO, assert_record_complete, built_wheel, dist_info, raw_member, run_build,
     upstream_path,
 )  # fmt: skip
+from overlaytools import patching
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
 WHEELS = PINS.wheels(PINS.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])
-MODEL_FILES = {
-    "vllm/model_executor/models/gemma4.py",
-    "vllm/model_executor/models/qwen3_moe.py",
-}
+MODEL_FILES = set(patching.touched_files(patching.series()))
 ids = [f"{a.flavour}-{a.arch}" for a in WHEELS]
 
 

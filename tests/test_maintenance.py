@@ -13,8 +13,8 @@ from overlaytools import detect, patching, sources
 from packaging.version import Version
 
 PATCHES = patching.series()
-GEMMA4, QWEN3 = (p.name for p in PATCHES)
-GEMMA4_FILE, QWEN3_FILE = patching.touched_files(PATCHES)
+GEMMA4, QWEN3, GELU = (p.name for p in PATCHES)
+GEMMA4_FILE, QWEN3_FILE = patching.touched_files(PATCHES[:2])
 VERIFY = ["--verify-only", "--offline", "--flavour", "cpu", "--arch", "x86_64"]
 
 
@@ -33,7 +33,7 @@ def test_committed_patches_are_what_refresh_writes():
     """The drift guard CI runs: patches, overlays and the pristine pin agree."""
     result = run(REPO, "refresh-patches", "--check", "--offline")
     assert result.returncode == 0, result.stderr
-    assert "2 patches are up to date" in result.stderr
+    assert "3 patches are up to date" in result.stderr
 
 
 def test_refresh_on_a_clean_checkout_changes_nothing(tmp_path):
@@ -42,7 +42,7 @@ def test_refresh_on_a_clean_checkout_changes_nothing(tmp_path):
     result = run(repo, "refresh-patches", "--offline")
     assert result.returncode == 0, result.stderr
     assert snapshot(repo) == before
-    assert result.stderr.count("unchanged patches/") == 2
+    assert result.stderr.count("unchanged patches/") == 3
 
 
 def test_overlay_edit_gives_the_matching_patch(tmp_path):
@@ -118,7 +118,7 @@ def header_and_message(patch: str) -> str:
 # ---- upstream-status: the detectors on known code ----------------------------------------
 
 
-@pytest.mark.parametrize("patch", PATCHES, ids=["gemma4", "qwen3"])
+@pytest.mark.parametrize("patch", PATCHES, ids=["gemma4", "qwen3", "gemma4-gelu"])
 def test_detectors_see_the_bug_in_pristine_and_the_fix_in_the_overlay(patch):
     """Each patch's Origin names the upstream fix whose detector judges it."""
     ((rel, detector),) = detect.for_origin(patching.origin(patch.read_text()))
@@ -154,10 +154,11 @@ def real_releases() -> dict[str, dict]:
     return parse_status(result.stdout)
 
 
-def test_pin_needs_both_patches(real_releases):
+def test_pin_needs_every_patch(real_releases):
     pin = real_releases["0.19.1"]
     assert "sha256 checked against the lock" in pin["wheel"]
-    assert {p: s for p, (s, _) in pin["verdicts"].items()} == {GEMMA4: "applies", QWEN3: "applies"}
+    assert {p: s for p, (s, _) in pin["verdicts"].items()} == {
+        GEMMA4: "applies", QWEN3: "applies", GELU: "applies"}  # fmt: skip
     assert pin["summary"] == "the overlay is still needed on 0.19.1"
 
 
@@ -170,6 +171,16 @@ def test_qwen3_fixed_but_not_gemma4(real_releases, version):
     # The bug is still there, and the 0.19.1 backport does not fit the new code.
     assert state == "conflicts"
     assert "captured from its enclosing scope" in reason and "forward-port" in reason
+
+
+@pytest.mark.parametrize("version, state", [("0.20.0", "applies"), ("0.20.2", "applies"),
+                                            ("0.21.0", "fixed")])  # fmt: skip
+def test_gelu_fixed_from_0_21_0(real_releases, version, state):
+    """0.20.x still builds Gemma4's experts with exact GELU; 0.21.0 moved the Triton and
+    Marlin experts into experts/, so only the detector can see the fix there."""
+    verdict, reason = real_releases[version]["verdicts"][GELU]
+    assert verdict == state
+    assert ("activation='gelu_tanh'" if state == "fixed" else "activation='gelu' (exact GELU)") in reason
 
 
 def test_both_fixed_from_0_22_0(real_releases):

@@ -23,17 +23,22 @@ GIT_ENV = {
     "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@invalid",
 }  # fmt: skip
 
-# What each patch must say of its origin (the upstream facts this overlay carries).
+# What each patch must say of its origin (the upstream facts this overlay carries),
+# keyed by words of its subject.
 PROVENANCE = {
-    "Gemma4": {
+    "per_expert_scale": {
         "Origin": "backport, https://github.com/vllm-project/vllm/pull/42250",
         "Bug": "https://github.com/vllm-project/vllm/issues/42239",
         "Applied-Upstream": "0.22.0",
     },
-    "Qwen3": {
+    "gate twice": {
         "Origin": "backport, https://github.com/vllm-project/vllm/pull/40664",
         "Bug": "https://github.com/vllm-project/vllm/pull/35326#discussion_r3122457327",
         "Applied-Upstream": "0.20.0",
+    },
+    "tanh GELU": {
+        "Origin": "backport, https://github.com/vllm-project/vllm/pull/41574",
+        "Applied-Upstream": "0.21.0",
     },
 }
 
@@ -74,11 +79,14 @@ def test_git_am_onto_a_git_tree_of_the_release(tmp_path):
         assert (tmp_path / member).read_bytes() == overlay(member)
 
 
-def test_patch_touches_one_file_each_in_series_order():
+def test_patches_touch_their_files_in_series_order():
     assert [p.name for p in sorted((REPO / "patches").glob("*.patch"))] == [p.name for p in PATCHES]
-    assert [patching.touched_files([p]) for p in PATCHES] == [
+    moe = "vllm/model_executor/layers/fused_moe/"
+    assert [sorted(patching.touched_files([p])) for p in PATCHES] == [
         ["vllm/model_executor/models/gemma4.py"],
         ["vllm/model_executor/models/qwen3_moe.py"],
+        [f"{moe}activation.py", f"{moe}fused_batched_moe.py", f"{moe}fused_marlin_moe.py",
+         f"{moe}fused_moe.py", "vllm/model_executor/models/gemma4.py"],
     ]
 
 
@@ -102,18 +110,21 @@ def _run_in_venv(code: str, **env: str) -> str:
     return result.stdout
 
 
-LOCATE = """
+LOCATE = f"""
 import importlib.metadata, importlib.util, vllm
-print(vllm.__version__, importlib.metadata.version("vllm"))
-for name in ("gemma4", "qwen3_moe"):
-    print(importlib.util.find_spec("vllm.model_executor.models." + name).origin)
+print("VERSIONS", vllm.__version__, importlib.metadata.version("vllm"))
+for name in {[m[: -len(".py")].replace("/", ".") for m in MODEL_FILES]}:  # vLLM logs to stdout too
+    print("FILE", importlib.util.find_spec(name).origin)
 """
 
 
 @pytest.mark.parametrize("flavour", ["cpu", "cuda"])
 def test_installed_wheel_has_the_patched_version_and_files(flavour):
     extra = {"PYTHONPATH": str(VENV / "cuda-flavour")} if flavour == "cuda" else {}
-    versions, *files = _run_in_venv(LOCATE, **extra).splitlines()
+    lines = _run_in_venv(LOCATE, **extra).splitlines()
+    (versions,) = [ln.split(" ", 1)[1] for ln in lines if ln.startswith("VERSIONS ")]
+    files = [ln.split(" ", 1)[1] for ln in lines if ln.startswith("FILE ")]
+    assert len(files) == len(MODEL_FILES)
     version = PINS.patched_version(PINS.pin, flavour)
     assert versions.split() == [version, version]
     root = VENV / "cuda-flavour" if flavour == "cuda" else None

@@ -16,7 +16,7 @@ import pytest
 from build_helpers import PINS, cache_dir, copy_repo, run_build, run_script
 from overlaytools import patching, sources
 
-GEMMA4, QWEN3 = (p.name for p in patching.series())
+GEMMA4, QWEN3, GELU = (p.name for p in patching.series())
 QWEN3_FILE = "vllm/model_executor/models/qwen3_moe.py"
 DEEPSEEK_FILE = "vllm/model_executor/models/deepseek_v2.py"
 ONE_WHEEL = ["--offline", "--flavour", "cpu", "--arch", sources.host_arch()]
@@ -136,7 +136,7 @@ def test_round_trip_changes_nothing(repo, tmp_path):
     assert head[0] == head[1]
 
 
-# ---- a third patch from upstream, with git am -3 -----------------------------------------------
+# ---- one more patch from upstream, with git am -3 -----------------------------------------------
 
 THIRD = {
     # Context overlaps the lines patch 0002 changes: only a 3-way merge applies it.
@@ -151,7 +151,7 @@ THIRD = {
 
 @pytest.fixture(scope="module")
 def three_patches(imported, tmp_path_factory) -> Path:
-    """The repository after a third, upstream-style patch went through the queue."""
+    """The repository after one more, upstream-style patch went through the queue."""
     repo = Path(shutil.copytree(imported, tmp_path_factory.mktemp("three") / "repo", symlinks=True))
     queue = repo / ".patch-queue"
     before = state(repo)
@@ -178,26 +178,26 @@ def three_patches(imported, tmp_path_factory) -> Path:
     return repo
 
 
-def test_third_patch_exports_as_0003_and_leaves_the_others_alone(imported, three_patches):
+def test_added_patch_exports_as_0004_and_leaves_the_others_alone(imported, three_patches):
     series = patching.series(three_patches / "patches")
-    assert [p.name for p in series[:2]] == [GEMMA4, QWEN3]
-    assert series[2].name.startswith("0003-Bugfix-Model-MoE-name-the-order")
-    for name in (GEMMA4, QWEN3):
+    assert [p.name for p in series[:3]] == [GEMMA4, QWEN3, GELU]
+    assert series[3].name.startswith("0004-Bugfix-Model-MoE-name-the-order")
+    for name in (GEMMA4, QWEN3, GELU):
         assert (three_patches / "patches" / name).read_bytes() == (imported / "patches" / name).read_bytes()
-    third = series[2].read_text()
-    assert "From: Upstream Contributor <contributor@invalid>" in third and PROVENANCE in third
-    assert patching.touched_files([series[2]]) == [DEEPSEEK_FILE, QWEN3_FILE]
+    added = series[3].read_text()
+    assert "From: Upstream Contributor <contributor@invalid>" in added and PROVENANCE in added
+    assert patching.touched_files([series[3]]) == [DEEPSEEK_FILE, QWEN3_FILE]
     overlay = three_patches / "overlay"
     assert "# shared experts first" in (overlay / QWEN3_FILE).read_text()
     assert "# (shared, routed)" in (overlay / DEEPSEEK_FILE).read_text()
     assert "self.experts.is_internal_router" in (overlay / QWEN3_FILE).read_text()
 
 
-def test_third_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_path):
+def test_added_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_path):
     assert run_build("--verify-only", *ONE_WHEEL, repo=three_patches).returncode == 0
     check = run_script(three_patches, "refresh-patches", "--check", "--offline")
     assert check.returncode == 0, check.stderr
-    assert "3 patches are up to date" in check.stderr
+    assert "4 patches are up to date" in check.stderr
     build = run_build(*ONE_WHEEL, "--out-dir", str(tmp_path), repo=three_patches)
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("*.whl")
@@ -210,8 +210,8 @@ def test_upstream_status_judges_a_patch_without_detector_by_git_alone(three_patc
     result = run_script(three_patches, "upstream-status", "--arch", "x86_64", PINS.pin)
     assert result.returncode == 0, result.stderr
     lines = [ln.split() for ln in result.stdout.splitlines() if ".patch " in ln]
-    assert [ln[1] for ln in lines] == ["applies"] * 3
-    assert "judged by `git apply --check` forward and reverse alone" in result.stdout.splitlines()[3]
+    assert [ln[1] for ln in lines] == ["applies"] * 4
+    assert "judged by `git apply --check` forward and reverse alone" in result.stdout.splitlines()[4]
 
 
 def test_refresh_keeps_a_file_of_several_patches_and_refuses_edits_to_it(three_patches, tmp_path):
@@ -224,15 +224,15 @@ def test_refresh_keeps_a_file_of_several_patches_and_refuses_edits_to_it(three_p
     overlay = repo / "overlay" / QWEN3_FILE
     overlay.write_text(overlay.read_text().replace("# shared experts first", "# shared first"))
     error = refused(run_script(repo, "refresh-patches", "--offline"), "refresh-patches")
-    assert f"overlay/{QWEN3_FILE} is changed by several patches ({QWEN3}, 0003-" in error
+    assert f"overlay/{QWEN3_FILE} is changed by several patches ({QWEN3}, 0004-" in error
     assert "scripts/patch-queue import" in error
     assert state(repo) == {**before, f"overlay/{QWEN3_FILE}": overlay.read_bytes()}
 
 
 def test_hand_edited_patch_of_a_shared_file_fails_check_until_exported(three_patches, tmp_path):
     repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
-    (third,) = (repo / "patches").glob("0003-*")
-    third.write_text(third.read_text().replace("# shared experts first", "# shared first"))
+    (added,) = (repo / "patches").glob("0004-*")
+    added.write_text(added.read_text().replace("# shared experts first", "# shared first"))
     assert run_script(repo, "refresh-patches", "--overlays", "--offline").returncode == 0
     error = refused(run_script(repo, "refresh-patches", "--check", "--offline"), "refresh-patches")
     assert "run scripts/patch-queue import, then scripts/patch-queue export" in error
@@ -241,7 +241,7 @@ def test_hand_edited_patch_of_a_shared_file_fails_check_until_exported(three_pat
     assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
 
 
-def test_dropping_the_third_patch_removes_its_patch_and_overlay_file(imported, three_patches, tmp_path):
+def test_dropping_the_added_patch_removes_its_patch_and_overlay_file(imported, three_patches, tmp_path):
     repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
     git(repo / ".patch-queue", "reset", "-q", "--hard", "HEAD~1")
     result = export(repo)
@@ -254,12 +254,13 @@ def test_dropping_the_third_patch_removes_its_patch_and_overlay_file(imported, t
 
 
 def rework(repo: Path, todo: str, tmp_path: Path) -> tuple[dict, subprocess.CompletedProcess]:
-    """`git rebase -i upstream` with `todo` ({first} and {second} name the two commits)
-    as the maintainer's edited list, then export. The state before and the export."""
+    """`git rebase -i upstream` with `todo` ({first} and {second} name the first two
+    commits; the later ones are picked after it) as the maintainer's edited list, then
+    export. The state before and the export."""
     queue, before = repo / ".patch-queue", state(repo)
-    first, second = git(queue, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
+    first, second, *later = git(queue, "rev-list", "--reverse", "upstream..HEAD").stdout.split()
     todo_file = tmp_path / "todo"
-    todo_file.write_text(todo.format(first=first, second=second))
+    todo_file.write_text(todo.format(first=first, second=second) + "".join(f"pick {c}\n" for c in later))
     git(queue, "rebase", "-q", "-i", "upstream", GIT_SEQUENCE_EDITOR=f"cp {todo_file}",
         GIT_EDITOR="true")  # fmt: skip
     result = export(repo)
@@ -275,7 +276,8 @@ def test_reorder_exports_the_reordered_series(repo, tmp_path):
     before, _ = rework(repo, "pick {second}\npick {first}\n", tmp_path)
     after = state(repo)
     renamed = {QWEN3: "0001" + QWEN3[4:], GEMMA4: "0002" + GEMMA4[4:]}
-    assert (repo / "patches" / "series").read_text() == "".join(f"{renamed[n]}\n" for n in (QWEN3, GEMMA4))
+    series = [renamed[QWEN3], renamed[GEMMA4], GELU]
+    assert (repo / "patches" / "series").read_text() == "".join(f"{name}\n" for name in series)
     for old, new in renamed.items():  # -N patches carry no number: the bytes stay
         assert after[f"patches/{new}"] == before[f"patches/{old}"]
         assert f"patches/{old}" not in after
@@ -283,8 +285,8 @@ def test_reorder_exports_the_reordered_series(repo, tmp_path):
 
 def test_squash_exports_one_patch_with_both_messages(repo, tmp_path):
     _, result = rework(repo, "pick {first}\nsquash {second}\n", tmp_path)
-    (only,) = patching.series(repo / "patches")
-    assert only.name == GEMMA4 and f"removed patches/{QWEN3}" in result.stderr
+    only, gelu = patching.series(repo / "patches")
+    assert gelu.name == GELU and only.name == GEMMA4 and f"removed patches/{QWEN3}" in result.stderr
     text = only.read_text()
     assert "pull/42250" in text and "pull/40664" in text
     assert set(patching.touched_files([only])) == {"vllm/model_executor/models/gemma4.py", QWEN3_FILE}

@@ -22,7 +22,7 @@ import pytest
 from build_helpers import (
     DIST, PINS, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
 )  # fmt: skip
-from overlaytools import patching
+from overlaytools import patching, plugin_wheel
 from packaging.utils import parse_wheel_filename
 from plugin_helpers import (
     APPLIED, PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_WHEEL, installed_plugin, pristine_artifact,
@@ -30,10 +30,9 @@ from plugin_helpers import (
 )  # fmt: skip
 from serve_helpers import VENV
 
-TARGETS = {
-    "vllm.model_executor.models.gemma4": "vllm/model_executor/models/gemma4.py",
-    "vllm.model_executor.models.qwen3_moe": "vllm/model_executor/models/qwen3_moe.py",
-}
+# Every file the series changes, by module name.
+TARGETS = {plugin_wheel.module_name(path): path for path in patching.touched_files(patching.series())}
+ACTIVATION = "vllm.model_executor.layers.fused_moe.activation"
 PACKAGE = "vllm_moe_overlay"
 TAG = f"vllm-moe-overlay {PINS.label}"
 
@@ -226,6 +225,17 @@ def test_module_imported_first_is_refused_by_name():
     assert origins == files_under(pristine_vllm())
     (line,) = lines
     assert line.startswith("ERROR ") and f"refused, nothing applied: {module} was imported" in line
+
+
+def test_fused_moe_imported_first_keeps_gemma4_pristine_too():
+    """The tanh-GELU fix spans gemma4.py and the fused-MoE activation module: with the
+    unfixed activation module already loaded, no fixed gemma4.py may be served beside it."""
+    origins, _, lines = probe(pristine_plugin_env(), ACTIVATION)
+    assert origins == files_under(pristine_vllm())
+    (line,) = lines
+    assert line.startswith("ERROR ") and "refused, nothing applied: " in line
+    named = line.split("refused, nothing applied: ", 1)[1].split(" was imported", 1)[0].split(", ")
+    assert ACTIVATION in named and "vllm.model_executor.models.gemma4" not in named
 
 
 def test_inert_on_the_patched_wheel():

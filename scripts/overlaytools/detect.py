@@ -57,6 +57,27 @@ def qwen3_gate(source: str) -> Finding:
     return Finding(BUGGY, "forward calls self.gate whether or not the router is internal")
 
 
+def gemma4_moe_activation(source: str) -> Finding:
+    """Gemma4MoE must build its experts with tanh GELU, as Gemma4 was trained:
+    activation="gelu" is the exact (erf) GELU."""
+    tree = ast.parse(source)
+    init = _method(tree, "Gemma4MoE", "__init__")
+    if init is None:
+        return Finding(UNKNOWN, "no Gemma4MoE.__init__")
+    values = [
+        kw.value.value
+        for kw in ast.walk(init)
+        if isinstance(kw, ast.keyword)
+        and kw.arg == "activation"
+        and isinstance(kw.value, ast.Constant)
+    ]
+    if values in (["gelu_tanh"], ["gelu_pytorch_tanh"]):
+        return Finding(FIXED, f"Gemma4MoE builds its experts with activation={values[0]!r}")
+    if values == ["gelu"]:
+        return Finding(BUGGY, "Gemma4MoE builds its experts with activation='gelu' (exact GELU)")
+    return Finding(UNKNOWN, f"Gemma4MoE passes activation values {values}")
+
+
 # Each detector belongs to one upstream fix, named by the pull request that a
 # patch's Origin field links; it reads the one file that fix changes.
 DETECTORS = {
@@ -64,6 +85,8 @@ DETECTORS = {
         ("vllm/model_executor/models/gemma4.py", gemma4_routing),
     "https://github.com/vllm-project/vllm/pull/40664":
         ("vllm/model_executor/models/qwen3_moe.py", qwen3_gate),
+    "https://github.com/vllm-project/vllm/pull/41574":
+        ("vllm/model_executor/models/gemma4.py", gemma4_moe_activation),
 }  # fmt: skip
 
 

@@ -17,12 +17,14 @@ def host_arch() -> str:
     return machine if machine in lock.ARCHES else "x86_64"
 
 
-def wheel_members(source: BinaryIO, members: list[str], filename: str) -> dict[str, bytes]:
+def wheel_members(source: BinaryIO, members: list[str], filename: str,
+                  missing_ok: bool = False) -> dict[str, bytes]:  # fmt: skip
+    """The members' bytes; a missing member is an error unless missing_ok (then left out)."""
     with zipfile.ZipFile(source) as zf:
         missing = [m for m in members if m not in zf.NameToInfo]
-        if missing:
+        if missing and not missing_ok:
             raise OverlayError(f"{filename} has no {', '.join(missing)}")
-        return {m: zf.read(m) for m in members}
+        return {m: zf.read(m) for m in members if m not in missing}
 
 
 def pinned_pristine(pins: lock.Lock, members: list[str], cache: Path, offline: bool) -> dict[str, bytes]:
