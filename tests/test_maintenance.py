@@ -102,11 +102,11 @@ def test_patch_edit_rewrites_the_overlay(tmp_path):
 
 def test_overlay_equal_to_pristine_is_refused(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    (repo / "overlay" / GEMMA4_FILE).write_text(pristine(GEMMA4_FILE))
+    (repo / "overlay" / QWEN3_FILE).write_text(pristine(QWEN3_FILE))
     before = snapshot(repo)
     result = run(repo, "refresh-patches", "--offline")
     assert result.returncode == 1
-    assert f"{GEMMA4}: overlay/{GEMMA4_FILE} equals the pristine file" in result.stderr
+    assert f"{QWEN3}: overlay/{QWEN3_FILE} equals the pristine file" in result.stderr
     assert snapshot(repo) == before
 
 

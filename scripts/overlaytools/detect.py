@@ -58,24 +58,28 @@ def qwen3_gate(source: str) -> Finding:
 
 
 def gemma4_moe_activation(source: str) -> Finding:
-    """Gemma4MoE must build its experts with tanh GELU, as Gemma4 was trained:
-    activation="gelu" is the exact (erf) GELU."""
+    """Gemma4's experts (the call that hands them the custom routing function) must
+    use tanh GELU, as Gemma4 was trained: activation="gelu" is the exact (erf) GELU."""
     tree = ast.parse(source)
-    init = _method(tree, "Gemma4MoE", "__init__")
-    if init is None:
-        return Finding(UNKNOWN, "no Gemma4MoE.__init__")
-    values = [
-        kw.value.value
-        for kw in ast.walk(init)
-        if isinstance(kw, ast.keyword)
-        and kw.arg == "activation"
-        and isinstance(kw.value, ast.Constant)
+    experts = [
+        call
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call)
+        and any(kw.arg == "custom_routing_function" for kw in call.keywords)
     ]
-    if values in (["gelu_tanh"], ["gelu_pytorch_tanh"]):
-        return Finding(FIXED, f"Gemma4MoE builds its experts with activation={values[0]!r}")
-    if values == ["gelu"]:
-        return Finding(BUGGY, "Gemma4MoE builds its experts with activation='gelu' (exact GELU)")
-    return Finding(UNKNOWN, f"Gemma4MoE passes activation values {values}")
+    if not experts:
+        return Finding(UNKNOWN, "no experts built with a custom_routing_function")
+    values = [
+        kw.value.value if isinstance(kw.value, ast.Constant) else ast.unparse(kw.value)
+        for call in experts
+        for kw in call.keywords
+        if kw.arg == "activation"
+    ]
+    if values and all(v in ("gelu_tanh", "gelu_pytorch_tanh") for v in values):
+        return Finding(FIXED, f"Gemma4's experts are built with activation={values[0]!r}")
+    if values and all(v == "gelu" for v in values):
+        return Finding(BUGGY, "Gemma4's experts are built with activation='gelu' (exact GELU)")
+    return Finding(UNKNOWN, f"Gemma4's experts are built with activation values {values}")
 
 
 # Each detector belongs to one upstream fix, named by the pull request that a
