@@ -114,10 +114,14 @@ def test_import_is_the_release_then_one_commit_per_patch(imported):
     assert blob == blob_id(pristine(DEEPSEEK_FILE))
     log = git(queue, "log", "--reverse", "--format=%an <%ae>|%aD|%s", "upstream..HEAD").stdout
     assert log.splitlines() == [
-        "vllm-moe-overlay maintainers <maintainers@vllm-moe-overlay.invalid>|"
-        f"Sun, 22 Nov 2026 00:00:00 +0000|{subject}"
-        for subject in ("[Bugfix][Model] Gemma4 MoE: read per_expert_scale at routing time",
-                        "[BugFix] Qwen3 MoE: do not run the gate twice with an internal router")
+        f"vllm-moe-overlay maintainers <maintainers@vllm-moe-overlay.invalid>|{date}|{subject}"
+        for date, subject in (
+            ("Sun, 22 Nov 2026 00:00:00 +0000",
+             "[Bugfix][Model] Gemma4 MoE: read per_expert_scale at routing time"),
+            ("Sun, 22 Nov 2026 00:00:00 +0000",
+             "[BugFix] Qwen3 MoE: do not run the gate twice with an internal router"),
+            ("Mon, 23 Nov 2026 00:00:00 +0000", "[Model] Gemma4 MoE: run the experts with tanh GELU"),
+        )
     ]  # fmt: skip
     for rel in patching.touched_files(patching.series(imported / "patches")):
         assert git(queue, "show", f"HEAD:{rel}").stdout.encode() == (imported / "overlay" / rel).read_bytes()
@@ -286,7 +290,7 @@ def test_reorder_exports_the_reordered_series(repo, tmp_path):
 def test_squash_exports_one_patch_with_both_messages(repo, tmp_path):
     _, result = rework(repo, "pick {first}\nsquash {second}\n", tmp_path)
     only, gelu = patching.series(repo / "patches")
-    assert gelu.name == GELU and only.name == GEMMA4 and f"removed patches/{QWEN3}" in result.stderr
+    assert only.name == GEMMA4 and gelu.name == "0002" + GELU[4:] and f"removed patches/{QWEN3}" in result.stderr
     text = only.read_text()
     assert "pull/42250" in text and "pull/40664" in text
     assert set(patching.touched_files([only])) == {"vllm/model_executor/models/gemma4.py", QWEN3_FILE}
