@@ -26,8 +26,8 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation, apply
 pytest_plugins = ["moe_fixtures"]
 
 # The gated op in float32 against float64: a few float32 ulps. Exact and tanh
-# GELU differ by up to 1.6e-4 absolute on these inputs (|gate| up to about 4),
-# far above it.
+# GELU differ by up to 4.7e-4 (at x = -2.7); gelu(gate) * up on these inputs
+# by 1.5e-3 to 3e-3 at most, far above it.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
@@ -74,7 +74,7 @@ def test_experts_activation_matches_the_tanh_reference(gemma4, tokens):
     apply_moe_activation(moe.experts.activation, out, gate_up)
 
     tanh, erf = gated_reference(gate_up, gelu_tanh), gated_reference(gate_up, gelu_erf)
-    assert (tanh - erf).abs().max() > 1e-4  # the two references are told apart
+    assert (tanh - erf).abs().max() > 1e-3  # the two references are told apart
     if expect_bug:
         torch.testing.assert_close(out.double(), erf, **TOLERANCE)
         assert not torch.allclose(out.double(), tanh, **TOLERANCE)
