@@ -16,11 +16,10 @@ import pytest
 import torch
 
 import moe_layers
-from moe_layers import KERNEL_CASES, KernelCase
+from moe_layers import KERNEL_CASES, VARIANTS_ENV, KernelCase
 
 # The plugin test runs these modules again under pristine vLLM + the plugin,
 # handing over the kernel probes of its own run (the CPU and kernels are the same).
-VARIANTS_ENV = "VLLM_OVERLAY_MOE_VARIANTS"
 PROBES_ENV = "VLLM_OVERLAY_KERNEL_PROBES"
 
 

@@ -27,6 +27,15 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local dirs only
+# Which variants this run tests (moe_fixtures): "plugin" means pristine vLLM + the plugin.
+VARIANTS_ENV = "VLLM_OVERLAY_MOE_VARIANTS"
+
+if os.environ.get(VARIANTS_ENV) == "plugin":
+    # As in every vLLM process: general plugins load before any fused-MoE module is
+    # imported (the plugin refuses to serve modules imported before it ran).
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
 
 import torch  # noqa: E402
 from overlaytools import fetch, lock, sources  # noqa: E402
@@ -187,11 +196,9 @@ def load_patched(name: str) -> ModuleType:
 def load_with_plugin(name: str) -> ModuleType:
     """models/<name>.py as vLLM's general plugins serve it over a pristine install.
 
-    Called the way vLLM's own processes call them, before any model import.
+    The plugins were loaded when this module was imported, as vLLM's own processes
+    load them: before any fused-MoE module.
     """
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
     package = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
     upstream_file = package / "model_executor" / "models" / f"{name}.py"
     if upstream_file.read_bytes() != pristine_source(name):

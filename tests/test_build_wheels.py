@@ -14,6 +14,7 @@ from build_helpers import (
     DIST, PINS, REPO, assert_record_complete, built_wheel, dist_info, raw_member, run_build,
     upstream_path,
 )  # fmt: skip
+from overlaytools import patching
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 from series_helpers import ADDED, CHANGED, FILES

@@ -13,7 +13,8 @@ from moe_fixtures import PROBES_ENV, VARIANTS_ENV, probes_json
 from plugin_helpers import pristine_plugin_env
 from serve_helpers import VENV
 
-BUG_TESTS = ["tests/test_gemma4_routing.py", "tests/test_qwen3_moe_block.py"]
+BUG_TESTS = ["tests/test_gemma4_routing.py", "tests/test_gemma4_activation.py",
+             "tests/test_qwen3_moe_block.py"]
 
 
 def test_bugs_are_gone_on_pristine_vllm_with_the_plugin():

@@ -94,9 +94,9 @@ def _run_in_venv(code: str, *args: str, **env: str) -> str:
 
 LOCATE = """
 import importlib.metadata, importlib.util, sys, vllm
-print(vllm.__version__, importlib.metadata.version("vllm"))
-for name in sys.argv[1:]:
-    print(importlib.util.find_spec(name).origin)
+print("VERSIONS", vllm.__version__, importlib.metadata.version("vllm"))
+for name in sys.argv[1:]:  # vLLM logs to stdout too
+    print("FILE", importlib.util.find_spec(name).origin)
 """
 
 
@@ -104,7 +104,10 @@ for name in sys.argv[1:]:
 @pytest.mark.parametrize("flavour", ["cpu", "cuda"])
 def test_installed_wheel_has_the_patched_version_and_files(flavour):
     extra = {"PYTHONPATH": str(VENV / "cuda-flavour")} if flavour == "cuda" else {}
-    versions, *files = _run_in_venv(LOCATE, *MODULES, **extra).splitlines()
+    lines = _run_in_venv(LOCATE, *MODULES, **extra).splitlines()
+    (versions,) = [ln.split(" ", 1)[1] for ln in lines if ln.startswith("VERSIONS ")]
+    files = [ln.split(" ", 1)[1] for ln in lines if ln.startswith("FILE ")]
+    assert len(files) == len(MODULES)
     version = PINS.patched_version(PINS.pin, flavour)
     assert versions.split() == [version, version]
     root = VENV / "cuda-flavour" if flavour == "cuda" else None

@@ -133,7 +133,7 @@ def test_round_trip_changes_nothing(repo, tmp_path):
     assert head[0] == head[1]
 
 
-# ---- a third patch from upstream, with git am -3 -----------------------------------------------
+# ---- one more patch from upstream, with git am -3 -----------------------------------------------
 
 THIRD = {
     # Context overlaps the lines patch 0002 changes: only a 3-way merge applies it.
@@ -148,7 +148,7 @@ THIRD = {
 
 @pytest.fixture(scope="module")
 def three_patches(imported, tmp_path_factory) -> Path:
-    """The repository after a third, upstream-style patch went through the queue."""
+    """The repository after one more, upstream-style patch went through the queue."""
     repo = Path(shutil.copytree(imported, tmp_path_factory.mktemp("three") / "repo", symlinks=True))
     queue = repo / ".patch-queue"
     before = state(repo)
@@ -190,7 +190,7 @@ def test_new_patch_exports_last_and_leaves_the_others_alone(imported, three_patc
     assert "self.experts.is_internal_router" in (overlay / QWEN3_FILE).read_text()
 
 
-def test_third_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_path):
+def test_added_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_path):
     assert run_build("--verify-only", *ONE_WHEEL, repo=three_patches).returncode == 0
     check = run_script(three_patches, "refresh-patches", "--check", "--offline")
     assert check.returncode == 0, check.stderr
@@ -239,7 +239,7 @@ def test_hand_edited_patch_of_a_shared_file_fails_check_until_exported(three_pat
     assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
 
 
-def test_dropping_the_third_patch_removes_its_patch_and_overlay_file(imported, three_patches, tmp_path):
+def test_dropping_the_added_patch_removes_its_patch_and_overlay_file(imported, three_patches, tmp_path):
     repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
     git(repo / ".patch-queue", "reset", "-q", "--hard", "HEAD~1")
     result = export(repo)

@@ -32,6 +32,7 @@ from series_helpers import MODULES as TARGETS
 from serve_helpers import VENV
 
 EDITED = module_name(CHANGED[0])  # a module that a user's vLLM may have edited
+ACTIVATION = "vllm.model_executor.layers.fused_moe.activation"
 PACKAGE = "vllm_moe_overlay"
 TAG = f"vllm-moe-overlay {PINS.label}"
 
@@ -233,11 +234,28 @@ def test_other_file_changes_nothing_and_warns_with_both_hashes(tmp_path, path):
     assert f"expected {expected}, found sha256 {sha256(data)}" in line
 
 
+def refused_modules(line: str) -> list[str]:
+    """The modules the plugin's ERROR line names as imported before it ran."""
+    assert line.startswith("ERROR ") and "refused, nothing applied: " in line, line
+    return line.split("refused, nothing applied: ", 1)[1].split(" was imported", 1)[0].split(", ")
+
+
 def test_module_imported_first_is_refused_by_name():
     origins, _, lines = probe(pristine_plugin_env(), EDITED)
     assert origins == files_under(pristine_vllm(), release=True)
     (line,) = lines
-    assert line.startswith("ERROR ") and f"refused, nothing applied: {EDITED} was imported" in line
+    assert EDITED in refused_modules(line)  # with the fused-MoE modules it imports
+
+
+@pytest.mark.skipif(ACTIVATION not in TARGETS, reason="the series does not patch the fused-MoE activation module")
+def test_fused_moe_imported_first_keeps_gemma4_pristine_too():
+    """The tanh-GELU fix spans gemma4.py and the fused-MoE activation module: with the
+    unfixed activation module already loaded, no fixed gemma4.py may be served beside it."""
+    origins, _, lines = probe(pristine_plugin_env(), ACTIVATION)
+    assert origins == files_under(pristine_vllm(), release=True)
+    (line,) = lines
+    named = refused_modules(line)
+    assert ACTIVATION in named and "vllm.model_executor.models.gemma4" not in named
 
 
 @pytest.mark.installed

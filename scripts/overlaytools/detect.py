@@ -57,6 +57,31 @@ def qwen3_gate(source: str) -> Finding:
     return Finding(BUGGY, "forward calls self.gate whether or not the router is internal")
 
 
+def gemma4_moe_activation(source: str) -> Finding:
+    """Gemma4's experts (the call that hands them the custom routing function) must
+    use tanh GELU, as Gemma4 was trained: activation="gelu" is the exact (erf) GELU."""
+    tree = ast.parse(source)
+    experts = [
+        call
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call)
+        and any(kw.arg == "custom_routing_function" for kw in call.keywords)
+    ]
+    if not experts:
+        return Finding(UNKNOWN, "no experts built with a custom_routing_function")
+    values = [
+        kw.value.value if isinstance(kw.value, ast.Constant) else ast.unparse(kw.value)
+        for call in experts
+        for kw in call.keywords
+        if kw.arg == "activation"
+    ]
+    if values and all(v in ("gelu_tanh", "gelu_pytorch_tanh") for v in values):
+        return Finding(FIXED, f"Gemma4's experts are built with activation={values[0]!r}")
+    if values and all(v == "gelu" for v in values):
+        return Finding(BUGGY, "Gemma4's experts are built with activation='gelu' (exact GELU)")
+    return Finding(UNKNOWN, f"Gemma4's experts are built with activation values {values}")
+
+
 # Each detector belongs to one upstream fix, named by the pull request that a
 # patch's Origin field links; it reads the one file that fix changes.
 DETECTORS = {
@@ -64,6 +89,8 @@ DETECTORS = {
         ("vllm/model_executor/models/gemma4.py", gemma4_routing),
     "https://github.com/vllm-project/vllm/pull/40664":
         ("vllm/model_executor/models/qwen3_moe.py", qwen3_gate),
+    "https://github.com/vllm-project/vllm/pull/41574":
+        ("vllm/model_executor/models/gemma4.py", gemma4_moe_activation),
 }  # fmt: skip
 
 

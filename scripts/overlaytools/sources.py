@@ -19,18 +19,19 @@ def host_arch() -> str:
 
 
 def wheel_members(source: BinaryIO, members: list[str], filename: str,
-                  added: Collection[str] = ()) -> dict[str, bytes]:  # fmt: skip
+                  added: Collection[str] = (), missing_ok: bool = False) -> dict[str, bytes]:  # fmt: skip
     """The wheel's files among `members`; those in `added` (files the series
-    creates) must not be in it, the others must."""
+    creates) must not be in it, the others must, unless missing_ok (then they
+    are left out)."""
     with zipfile.ZipFile(source) as zf:
         present = [m for m in added if m in zf.NameToInfo]
         if present:
             raise OverlayError(f"{filename} already has {', '.join(present)}, which the series "
                                "adds: patch the release's file instead")  # fmt: skip
         missing = [m for m in members if m not in zf.NameToInfo and m not in added]
-        if missing:
+        if missing and not missing_ok:
             raise OverlayError(f"{filename} has no {', '.join(missing)}")
-        return {m: zf.read(m) for m in members if m not in added}
+        return {m: zf.read(m) for m in members if m in zf.NameToInfo and m not in added}
 
 
 def pinned_pristine(pins: lock.Lock, members: list[str], cache: Path, offline: bool,

@@ -118,22 +118,42 @@ def _verdicts(patches: list[Path], source, filename: str) -> list[Verdict]:
     verdicts = []
     for patch in patches:
         touched = patching.touched_files([patch])
+        wanted = [r for r in touched if r not in files]
         try:
-            files.update(sources.wheel_members(source, [r for r in touched if r not in files],
-                                               filename, patching.added_files([patch])))  # fmt: skip
+            files.update(sources.wheel_members(source, wanted, filename, patching.added_files([patch]),
+                                               missing_ok=True))  # fmt: skip
         except OverlayError as exc:
             verdicts.append(Verdict(patch.name, CONFLICTS, str(exc)))
             continue
+        added = patching.added_files([patch])
+        missing = [r for r in touched if r not in files and r not in added]
         mine = {rel: files[rel] for rel in touched if rel in files}
+        if missing:
+            verdicts.append(_verdict_on_moved_code(patch, mine, f"{filename} has no {', '.join(missing)}"))
+            continue
         verdicts.append(_verdict(patch, mine))
         if verdicts[-1].state == APPLIES:
             files.update(patching.apply(mine, [patch]))
     return verdicts
 
 
-def _verdict(patch: Path, files: dict[str, bytes]) -> Verdict:
+def _findings(patch: Path, files: dict[str, bytes]) -> list[detect.Finding]:
     detectors = detect.for_origin(patching.origin(patch.read_text()))
-    findings = [find(files[rel].decode()) for rel, find in detectors if rel in files]
+    return [find(files[rel].decode()) for rel, find in detectors if rel in files]
+
+
+def _verdict_on_moved_code(patch: Path, files: dict[str, bytes], gone: str) -> Verdict:
+    """Some files the patch changes are gone from the release: only a detector on the
+    files still there can say the fix is in."""
+    findings = _findings(patch, files)
+    fixed = [f.reason for f in findings if f.state == detect.FIXED]
+    if fixed and all(f.state == detect.FIXED for f in findings):
+        return Verdict(patch.name, FIXED, f"{'; '.join(fixed)} ({gone})")
+    return Verdict(patch.name, CONFLICTS, gone)
+
+
+def _verdict(patch: Path, files: dict[str, bytes]) -> Verdict:
+    findings = _findings(patch, files)
     if not findings:
         return _verdict_by_git_alone(patch, files)
     fixed = [f.reason for f in findings if f.state == detect.FIXED]
