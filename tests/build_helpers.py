@@ -13,7 +13,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-from overlaytools import fetch, lock
+from overlaytools import fetch, lock, rewheel
 
 REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "dist"
@@ -32,9 +32,7 @@ def upstream_path(artifact: lock.Artifact) -> Path:
 
 
 def built_wheel(artifact: lock.Artifact) -> Path:
-    version = PINS.patched_version(PINS.pin, artifact.flavour)
-    tags = artifact.filename[: -len(".whl")].split("-")[-3:]
-    return DIST / ("-".join(["vllm", version, *tags]) + ".whl")
+    return DIST / rewheel.patched_filename(PINS, artifact, PINS.pin)
 
 
 def run_build(*args: str, repo: Path = REPO, env: dict | None = None, **kwargs):

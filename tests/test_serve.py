@@ -42,7 +42,7 @@ class ServedRun:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints")
-    subprocess.run([str(VENV / "bin/python"), str(REPO / "scripts/make-tiny-checkpoints"),
+    subprocess.run([str(VENV / "bin/python"), str(REPO / "tests/make-tiny-checkpoints"),
                     str(out)], check=True, capture_output=True)  # fmt: skip
     return out
 

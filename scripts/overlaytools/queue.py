@@ -131,7 +131,7 @@ def export_queue(args: argparse.Namespace) -> None:
     changed = writeback.patches(old, fresh) + writeback.overlays(patched, prune=True)
     if changed:
         log(f"exported {len(fresh)} patch(es) from {args.dir}; bump label in "
-            "upstream.lock.json, then run ./build.sh and scripts/run-tests")
+            "upstream.lock.json, then run ./build.sh and tests/run")
     else:
         log(f"exported {len(fresh)} patch(es) from {args.dir}: patches/ and overlay/ were up to date")
 
