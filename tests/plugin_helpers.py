@@ -14,14 +14,14 @@ import re
 from pathlib import Path
 
 import harness
-from build_helpers import DIST, PINS, upstream_path
+from build_helpers import DIST, LOCK, upstream_path
 from overlaytools import plugin_wheel
 from serve_helpers import VENV
 
-PLUGIN_VERSION = PINS.patched_version(PINS.pin, "plugin")
+PLUGIN_VERSION = LOCK.patched_version(LOCK.pin, "plugin")
 PLUGIN_WHEEL = DIST / plugin_wheel.filename(PLUGIN_VERSION)
 PLUGIN_NAME = plugin_wheel.PACKAGE  # the entry point's name
-APPLIED = f"vllm-moe-overlay {PINS.label}: applied to vLLM {PINS.pin}"
+APPLIED = f"vllm-moe-overlay {LOCK.label}: applied to vLLM {LOCK.pin}"
 
 
 def pip_install_target(wheel: Path, target: Path, digest: str) -> Path:
@@ -30,7 +30,7 @@ def pip_install_target(wheel: Path, target: Path, digest: str) -> Path:
 
 
 def pristine_artifact():
-    (artifact,) = PINS.wheels(PINS.pin, ["cpu"], [platform.machine()])
+    (artifact,) = LOCK.wheels(LOCK.pin, ["cpu"], [platform.machine()])
     return artifact
 
 
@@ -42,7 +42,7 @@ def pristine_vllm() -> Path:
 
 def pristine_cuda_vllm() -> Path:
     """Upstream's CUDA vLLM 0.19.1 wheel (sha256-verified) installed beside the test venv."""
-    (artifact,) = PINS.wheels(PINS.pin, ["cuda"], [platform.machine()])
+    (artifact,) = LOCK.wheels(LOCK.pin, ["cuda"], [platform.machine()])
     return pip_install_target(upstream_path(artifact), VENV / "pristine-cuda", artifact.sha256)
 
 

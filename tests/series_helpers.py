@@ -47,7 +47,7 @@ def owners(rel: str) -> list[str]:
 
 def patch_alone_on_its_files() -> Path:
     """The first patch that alone changes each of its files, all of which the
-    release has: a refresh rebuilds it from the overlay."""
+    release has."""
     for patch in PATCHES:
         if all(owners(rel) == [patch.name] and rel not in ADDED for rel in files_of(patch)):
             return patch

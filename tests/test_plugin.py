@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from build_helpers import (
-    DIST, PINS, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
+    DIST, LOCK, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
 )  # fmt: skip
 from packaging.utils import parse_wheel_filename
 from plugin_helpers import (
@@ -34,7 +34,7 @@ from serve_helpers import VENV
 EDITED = module_name(CHANGED[0])  # a module that a user's vLLM may have edited
 ACTIVATION = "vllm.model_executor.layers.fused_moe.activation"
 PACKAGE = "vllm_moe_overlay"
-TAG = f"vllm-moe-overlay {PINS.label}"
+TAG = f"vllm-moe-overlay {LOCK.label}"
 
 
 def sha256(data: bytes) -> str:
@@ -56,8 +56,8 @@ def manifest(wheel) -> dict:
 
 def test_name_version_tags_and_metadata(wheel):
     name, version, _, tags = parse_wheel_filename(PLUGIN_WHEEL.name)
-    assert (name, str(version)) == ("vllm-moe-overlay", f"{PINS.pin}+{PINS.label}")
-    assert (version.public, version.local) == (PINS.pin, PINS.label)
+    assert (name, str(version)) == ("vllm-moe-overlay", f"{LOCK.pin}+{LOCK.label}")
+    assert (version.public, version.local) == (LOCK.pin, LOCK.label)
     assert [str(t) for t in tags] == ["py3-none-any"]
     info = dist_info(wheel)
     assert info == f"{PACKAGE}-{PLUGIN_VERSION}.dist-info"
@@ -92,11 +92,11 @@ def test_content_is_the_loader_the_overlay_verbatim_and_a_manifest(wheel):
 
 
 def test_manifest_records_pristine_and_patched_hashes(manifest):
-    assert (manifest["vllm_version"], manifest["label"]) == (PINS.pin, PINS.label)
+    assert (manifest["vllm_version"], manifest["label"]) == (LOCK.pin, LOCK.label)
     assert [p["name"] for p in manifest["patches"]] == [p.name for p in PATCHES]
     assert {m["module"]: m["path"] for m in manifest["modules"]} == TARGETS
-    upstream = [zipfile.ZipFile(upstream_path(a)) for a in PINS.wheels(
-        PINS.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])]  # fmt: skip
+    upstream = [zipfile.ZipFile(upstream_path(a)) for a in LOCK.wheels(
+        LOCK.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])]  # fmt: skip
     for entry in manifest["modules"]:
         path = entry["path"]
         # null for a module the patches add: no release wheel has it
