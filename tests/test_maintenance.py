@@ -11,11 +11,13 @@ from build_helpers import LOCK, REPO, cache_dir, copy_repo, run_build
 from build_helpers import run_script as run
 from overlaytools import detect, patching, sources
 from packaging.version import Version
-from series_helpers import PATCHES, files_of, patch_alone_on_its_files, provenance
+from series_helpers import PATCHES, files_of, provenance
 
-# A patch that alone changes its files, and its first file.
-ALONE = patch_alone_on_its_files()
-ALONE_FILE = files_of(ALONE)[0]
+# The guards need only some patch and a file it changes.
+EDITED = PATCHES[0]
+EDITED_FILE = files_of(EDITED)[0]
+# Broken, the last patch leaves the patches before it applying.
+LAST = PATCHES[-1]
 VERIFY = ["--verify-only", "--offline", "--flavour", "cpu", "--arch", "x86_64"]
 
 
@@ -41,7 +43,7 @@ def test_overlay_edit_fails_both_guards(tmp_path):
     """overlay/ is generated: an edit there is refused, pointing at the patch queue."""
     repo = copy_repo(tmp_path / "repo")
     before = snapshot(repo)
-    overlay = repo / "overlay" / ALONE_FILE
+    overlay = repo / "overlay" / EDITED_FILE
     overlay.write_text(overlay.read_text() + "# Edited by a maintainer.\n")
     check = run(repo, "patch-queue", "check", "--offline")
     assert check.returncode == 1
@@ -54,7 +56,7 @@ def test_overlay_edit_fails_both_guards(tmp_path):
 
 def test_hand_edited_patch_fails_both_guards(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    patch = repo / "patches" / ALONE.name
+    patch = repo / "patches" / EDITED.name
     # Append a comment to the first line the patch adds.
     old = re.search(r"^\+(?!\+\+ ).*$", patch.read_text(), re.M).group(0)
     patch.write_text(patch.read_text().replace(old + "\n", old + "  # edited by hand\n", 1))
@@ -157,7 +159,7 @@ def test_default_is_the_pin_and_the_newest_release(real_releases):
 def test_patch_that_no_longer_applies_needs_a_forward_port(tmp_path):
     """A context line of the patch's first hunk differs from the release: that hunk is named."""
     repo = copy_repo(tmp_path / "repo")
-    patch = repo / "patches" / ALONE.name
+    patch = repo / "patches" / LAST.name
     hunk = re.search(r"^(@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@.*)\n((?:[-+].*\n)*) (.*)$", patch.read_text(), re.M)
     header, context = hunk.group(1), hunk.group(3)
     text = patch.read_text()
@@ -165,7 +167,7 @@ def test_patch_that_no_longer_applies_needs_a_forward_port(tmp_path):
     result = run(repo, "upstream-status", "--arch", "x86_64", LOCK.pin)
     assert result.returncode == 0, result.stderr
     release = parse_status(result.stdout)[LOCK.pin]
-    state, reason = release["verdicts"].pop(ALONE.name)
+    state, reason = release["verdicts"].pop(LAST.name)
     assert state == "conflicts"
     assert f"hunk '{header}'" in reason
     assert reason.endswith("forward-port it" if detect.for_origin(patching.origin(text)) else "review by hand")
