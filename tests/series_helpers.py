@@ -38,17 +38,3 @@ def provenance(patch: Path) -> dict[str, str]:
     """The `Field: value` lines of a patch's message."""
     message = patch.read_text().split("\n---\n", 1)[0]
     return dict(re.findall(r"^([A-Z][\w-]+): (.+)$", message, re.M))
-
-
-def owners(rel: str) -> list[str]:
-    """The names of the patches that change `rel`."""
-    return [p.name for p in PATCHES if rel in files_of(p)]
-
-
-def patch_alone_on_its_files() -> Path:
-    """The first patch that alone changes each of its files, all of which the
-    release has: a refresh rebuilds it from the overlay."""
-    for patch in PATCHES:
-        if all(owners(rel) == [patch.name] and rel not in ADDED for rel in files_of(patch)):
-            return patch
-    raise AssertionError("no patch changes only release files that no other patch changes")

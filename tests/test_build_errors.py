@@ -12,10 +12,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from build_helpers import PINS, REPO, copy_repo, run_build, upstream_path
+from build_helpers import LOCK, REPO, copy_repo, run_build, upstream_path
 
-CPU_X86 = PINS.wheels(PINS.pin, ["cpu"], ["x86_64"])[0]
-CPU_ARM = PINS.wheels(PINS.pin, ["cpu"], ["aarch64"])[0]
+CPU_X86 = LOCK.wheels(LOCK.pin, ["cpu"], ["x86_64"])[0]
+CPU_ARM = LOCK.wheels(LOCK.pin, ["cpu"], ["aarch64"])[0]
 ONE_CPU_WHEEL = ["--flavour", "cpu", "--arch", "x86_64"]
 
 
@@ -75,8 +75,8 @@ def test_unknown_version(tmp_path):
 @pytest.mark.fast
 def test_lock_without_the_entry(tmp_path):
     raw = json.loads((REPO / "upstream.lock.json").read_text())
-    raw["releases"][PINS.pin] = [
-        e for e in raw["releases"][PINS.pin] if e["filename"] != CPU_ARM.filename
+    raw["releases"][LOCK.pin] = [
+        e for e in raw["releases"][LOCK.pin] if e["filename"] != CPU_ARM.filename
     ]
     (tmp_path / "lock.json").write_text(json.dumps(raw))
     result = run_build(
@@ -149,7 +149,7 @@ def test_drifted_overlay_shows_the_diff(tmp_path):
     overlay.write_text(overlay.read_text().replace("if self.experts.is_internal_router:", "if True:"))
     result = run_build("--verify-only", "--offline", *ONE_CPU_WHEEL, repo=repo)
     assert "overlay differs from pristine + patches" in error_line(result)
-    assert "scripts/refresh-patches" in result.stderr
+    assert "scripts/patch-queue" in result.stderr
     assert "-        if self.experts.is_internal_router:\n+        if True:" in result.stderr
 
 
@@ -174,7 +174,7 @@ def test_failure_after_a_finished_wheel_publishes_nothing(tmp_path):
     result = run_build(
         "--flavour", "cpu", "--offline", "--cache-dir", str(cache), "--out-dir", str(tmp_path / "out")
     )
-    assert f"wrote vllm-0.19.1+cpu.{PINS.label}-cp38-abi3-manylinux_2_28_x86_64.whl" in result.stderr
+    assert f"wrote vllm-0.19.1+cpu.{LOCK.label}-cp38-abi3-manylinux_2_28_x86_64.whl" in result.stderr
     assert CPU_ARM.filename in error_line(result)
     assert_no_wheels(tmp_path / "out")
 

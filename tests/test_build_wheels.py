@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from build_helpers import (
-    DIST, PINS, REPO, assert_record_complete, built_wheel, dist_info, raw_member, run_build,
+    DIST, LOCK, REPO, assert_record_complete, built_wheel, dist_info, raw_member, run_build,
     upstream_path,
 )  # fmt: skip
 from overlaytools import patching
@@ -19,7 +19,7 @@ from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 from series_helpers import ADDED, CHANGED, FILES
 
-WHEELS = PINS.wheels(PINS.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])
+WHEELS = LOCK.wheels(LOCK.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])
 ids = [f"{a.flavour}-{a.arch}" for a in WHEELS]
 
 
@@ -28,7 +28,7 @@ def test_only_the_fix_version_and_dist_info_differ(artifact):
     up_path, out_path = upstream_path(artifact), built_wheel(artifact)
     up, out = zipfile.ZipFile(up_path), zipfile.ZipFile(out_path)
     old_di, new_di = dist_info(up), dist_info(out)
-    version = PINS.patched_version(PINS.pin, artifact.flavour)
+    version = LOCK.patched_version(LOCK.pin, artifact.flavour)
     assert new_di == f"vllm-{version}.dist-info"
 
     renamed = [n.replace(old_di, new_di, 1) for n in up.namelist()]
@@ -59,11 +59,11 @@ def test_only_the_fix_version_and_dist_info_differ(artifact):
 @pytest.mark.parametrize("artifact", WHEELS, ids=ids)
 def test_names_and_versions(artifact):
     out_path = built_wheel(artifact)
-    version = PINS.patched_version(PINS.pin, artifact.flavour)
+    version = LOCK.patched_version(LOCK.pin, artifact.flavour)
     name, parsed_version, _, tags = parse_wheel_filename(out_path.name)
     assert (name, str(parsed_version)) == ("vllm", version)
     assert tags == parse_wheel_filename(artifact.filename)[3]  # upstream's tags unchanged
-    assert Version(version).public == PINS.pin
+    assert Version(version).public == LOCK.pin
     assert ("cpu" in version) == (artifact.flavour == "cpu")  # what selects vLLM's CpuPlatform
 
     zf = zipfile.ZipFile(out_path)
@@ -104,7 +104,7 @@ def test_second_build_is_byte_identical(tmp_path):
 
 @pytest.mark.parametrize("flavour", ["cpu", "cuda"])
 def test_pip_installs_the_wheel(tmp_path, flavour):
-    (artifact,) = PINS.wheels(PINS.pin, [flavour], ["x86_64"])
+    (artifact,) = LOCK.wheels(LOCK.pin, [flavour], ["x86_64"])
     wheel = built_wheel(artifact)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
@@ -113,7 +113,7 @@ def test_pip_installs_the_wheel(tmp_path, flavour):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
-    version = PINS.patched_version(PINS.pin, flavour)
+    version = LOCK.patched_version(LOCK.pin, flavour)
     installed = Path(tmp_path, f"vllm-{version}.dist-info")
     assert (installed / "INSTALLER").read_text().strip() == "pip"
     for member in FILES:

@@ -20,14 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from build_helpers import PINS, REPO, cache_dir, copy_repo, run_build, run_script
+from build_helpers import LOCK, REPO, cache_dir, copy_repo, run_build, run_script
 from plugin_helpers import PLUGIN_WHEEL as PLUGIN_WHEEL_PATH
 from plugin_helpers import installed_plugin, pristine_vllm
 from serve_helpers import VENV
 
 PLUGIN_ONLY = ["--flavour", "plugin", "--arch", "x86_64", "--offline"]
 VERIFY_CPU = ["--verify-only", "--offline", "--flavour", "cpu", "--arch", "aarch64"]
-PLUGIN_WHEEL = f"vllm_moe_overlay-{PINS.pin}+{PINS.label}-py3-none-any.whl"
+PLUGIN_WHEEL = f"vllm_moe_overlay-{LOCK.pin}+{LOCK.label}-py3-none-any.whl"
 OLD_WHEEL = "older-0.1-py3-none-any.whl"
 QWEN3 = "vllm/model_executor/models/qwen3_moe.py"
 
@@ -243,7 +243,7 @@ def test_out_dir_that_cannot_be_a_directory(tmp_path, case):
 def test_cache_that_is_not_usable(tmp_path, case):
     """Promise: bad input gets one line naming the cause; nothing of it is deleted."""
     cache = tmp_path / "cache"
-    (artifact,) = PINS.wheels(PINS.pin, ["cpu"], ["aarch64"])
+    (artifact,) = LOCK.wheels(LOCK.pin, ["cpu"], ["aarch64"])
     bad = {"cache dir is a file": cache, "artifacts is a file": cache / "artifacts",
            "wheel is a dir": cache / "artifacts" / artifact.filename}[case]  # fmt: skip
     bad.parent.mkdir(parents=True, exist_ok=True)
@@ -265,13 +265,13 @@ def edited_lock(tmp_path: Path, edit) -> Path:
 
 
 def cpu_arm_entry(raw: dict) -> dict:
-    (artifact,) = PINS.wheels(PINS.pin, ["cpu"], ["aarch64"])
-    return next(e for e in raw["releases"][PINS.pin] if e["filename"] == artifact.filename)
+    (artifact,) = LOCK.wheels(LOCK.pin, ["cpu"], ["aarch64"])
+    return next(e for e in raw["releases"][LOCK.pin] if e["filename"] == artifact.filename)
 
 
 def linked_cache(tmp_path: Path) -> Path:
     """A private cache holding the verified cpu aarch64 wheel (a hard link where possible)."""
-    (artifact,) = PINS.wheels(PINS.pin, ["cpu"], ["aarch64"])
+    (artifact,) = LOCK.wheels(LOCK.pin, ["cpu"], ["aarch64"])
     store = tmp_path / "cache" / "artifacts"
     store.mkdir(parents=True)
     try:

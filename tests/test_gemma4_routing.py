@@ -45,7 +45,7 @@ class Gemma4:
         return self.kernel.dtype
 
 
-class RoutingProbe(torch.nn.Module):
+class RoutingForward(torch.nn.Module):
     """Makes a Gemma4MoE's routing the forward, so functional_call can drive it."""
 
     def __init__(self, moe: torch.nn.Module):
@@ -116,7 +116,7 @@ def test_functional_call_substitutes_per_expert_scale(gemma4):
 
     got = dense(
         *torch.func.functional_call(
-            RoutingProbe(moe), {"moe.per_expert_scale": substitute}, (hidden, logits)
+            RoutingForward(moe), {"moe.per_expert_scale": substitute}, (hidden, logits)
         )
     )
 

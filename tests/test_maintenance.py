@@ -1,5 +1,5 @@
-"""The maintainers' tools: refresh-patches (patches <-> overlays, the drift guard)
-and upstream-status (is each patch still needed in a real vLLM release?)."""
+"""The maintainers' tools: the drift guard (scripts/patch-queue check) and
+upstream-status (is each patch still needed in a real vLLM release?)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import re
 from pathlib import Path
 
 import pytest
-from build_helpers import PINS, REPO, cache_dir, copy_repo, run_build
+from build_helpers import LOCK, REPO, cache_dir, copy_repo, run_build
 from build_helpers import run_script as run
 from overlaytools import detect, patching, sources
 from packaging.version import Version
-from series_helpers import FILES, PATCHES, files_of, patch_alone_on_its_files, provenance
+from series_helpers import PATCHES, files_of, provenance
 
-# A patch that a refresh can rebuild from the overlay alone, and its first file.
-ALONE = patch_alone_on_its_files()
-ALONE_FILE = files_of(ALONE)[0]
+# The guards need only some patch and a file it changes.
+EDITED = PATCHES[0]
+EDITED_FILE = files_of(EDITED)[0]
+# Broken, the last patch leaves the patches before it applying.
+LAST = PATCHES[-1]
 VERIFY = ["--verify-only", "--offline", "--flavour", "cpu", "--arch", "x86_64"]
 
 
@@ -24,96 +26,43 @@ def snapshot(repo: Path) -> dict[str, bytes]:
 
 
 def pristine(rel: str) -> str:
-    return sources.pinned_pristine(PINS, [rel], cache_dir(), offline=True)[rel].decode()
+    return sources.pinned_pristine(LOCK, [rel], cache_dir(), offline=True)[rel].decode()
 
 
-# ---- refresh-patches ------------------------------------------------------------------
+# ---- the drift guard: scripts/patch-queue check ---------------------------------------
 
 
-def test_committed_patches_are_what_refresh_writes():
+def test_committed_patches_and_overlay_pass_the_drift_guard():
     """The drift guard CI runs: patches, overlays and the pristine pin agree."""
-    result = run(REPO, "refresh-patches", "--check", "--offline")
+    result = run(REPO, "patch-queue", "check", "--offline")
     assert result.returncode == 0, result.stderr
-    assert f"{len(PATCHES)} patches are up to date" in result.stderr
+    assert f"{len(PATCHES)} patches are in export form and overlay/ is pristine + patches" in result.stderr
 
 
-def test_refresh_on_a_clean_checkout_changes_nothing(tmp_path):
+def test_overlay_edit_fails_both_guards(tmp_path):
+    """overlay/ is generated: an edit there is refused, pointing at the patch queue."""
     repo = copy_repo(tmp_path / "repo")
     before = snapshot(repo)
-    result = run(repo, "refresh-patches", "--offline")
-    assert result.returncode == 0, result.stderr
-    assert snapshot(repo) == before
-    assert result.stderr.count("unchanged patches/") == len(PATCHES)
-
-
-def test_overlay_edit_gives_the_matching_patch(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
-    before = snapshot(repo)
-    overlay = repo / "overlay" / ALONE_FILE
-    edited = overlay.read_text() + "# Edited by a maintainer.\n"
-    overlay.write_text(edited)
-
-    # Until the patches are refreshed, both guards fail and say what to run.
-    check = run(repo, "refresh-patches", "--check", "--offline")
+    overlay = repo / "overlay" / EDITED_FILE
+    overlay.write_text(overlay.read_text() + "# Edited by a maintainer.\n")
+    check = run(repo, "patch-queue", "check", "--offline")
     assert check.returncode == 1
-    assert "run scripts/refresh-patches" in check.stderr.splitlines()[0]
+    assert "make changes in the patch queue (import, commit, export)" in check.stderr.splitlines()[0]
     assert "+# Edited by a maintainer." in check.stderr
     build = run_build(*VERIFY, repo=repo)
-    assert build.returncode == 1 and "run scripts/refresh-patches" in build.stderr
-
-    result = run(repo, "refresh-patches", "--offline")
-    assert result.returncode == 0, result.stderr
-    after = snapshot(repo)
-    assert after.keys() == before.keys()
-    assert {n: d for n, d in after.items() if n != ALONE.name} == {
-        n: d for n, d in before.items() if n != ALONE.name}  # fmt: skip
-    new = after[ALONE.name].decode()
-    assert new != before[ALONE.name].decode()
-    assert "+# Edited by a maintainer.\n" in new
-    assert header_and_message(new) == header_and_message(before[ALONE.name].decode())
-    # The refreshed patch turns pristine into exactly the edited overlay.
-    rebuilt = patching.apply({rel: pristine(rel).encode() for rel in files_of(ALONE)},
-                             [repo / "patches" / ALONE.name])  # fmt: skip
-    assert rebuilt[ALONE_FILE].decode() == edited
-    assert run(repo, "refresh-patches", "--check", "--offline").returncode == 0
-    assert run_build(*VERIFY, repo=repo).returncode == 0
+    assert build.returncode == 1 and "scripts/patch-queue" in build.stderr
+    assert snapshot(repo) == before  # the guards write nothing
 
 
-def test_patch_edit_rewrites_the_overlay(tmp_path):
+def test_hand_edited_patch_fails_both_guards(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    patch = repo / "patches" / ALONE.name
+    patch = repo / "patches" / EDITED.name
     # Append a comment to the first line the patch adds.
     old = re.search(r"^\+(?!\+\+ ).*$", patch.read_text(), re.M).group(0)
     patch.write_text(patch.read_text().replace(old + "\n", old + "  # edited by hand\n", 1))
     assert run_build(*VERIFY, repo=repo).returncode == 1
-
-    result = run(repo, "refresh-patches", "--overlays", "--offline")
-    assert result.returncode == 0, result.stderr
-    for rel in FILES:
-        assert f"{'updated' if rel in files_of(ALONE) else 'unchanged'} overlay/{rel}" in result.stderr
-    assert old[1:] + "  # edited by hand\n" in (repo / "overlay" / ALONE_FILE).read_text()
-    assert run_build(*VERIFY, repo=repo).returncode == 0
-    # The hand edit left a stale blob id in the patch's index line; a refresh fixes it.
-    assert run(repo, "refresh-patches", "--check", "--offline").returncode == 1
-    assert run(repo, "refresh-patches", "--offline").returncode == 0
-    assert run(repo, "refresh-patches", "--check", "--offline").returncode == 0
-
-
-def test_overlay_equal_to_pristine_is_refused(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
-    for rel in files_of(ALONE):
-        (repo / "overlay" / rel).write_text(pristine(rel))
-    before = snapshot(repo)
-    result = run(repo, "refresh-patches", "--offline")
-    assert result.returncode == 1
-    overlays = ", ".join(f"overlay/{rel}" for rel in files_of(ALONE))
-    assert f"{ALONE.name}: {overlays} equals the pristine file" in result.stderr
-    assert snapshot(repo) == before
-
-
-def header_and_message(patch: str) -> str:
-    """Everything before the diffstat: From, Date, Subject and the provenance."""
-    return patch.split("\n---\n", 1)[0]
+    check = run(repo, "patch-queue", "check", "--offline")
+    assert check.returncode == 1 and "overlay differs from pristine + patches" in check.stderr
 
 
 # ---- upstream-status: the detectors on known code ----------------------------------------
@@ -167,10 +116,10 @@ def real_releases() -> dict[str, dict]:
 
 @pytest.mark.network
 def test_pin_needs_every_patch(real_releases):
-    pin = real_releases[PINS.pin]
+    pin = real_releases[LOCK.pin]
     assert "sha256 checked against the lock" in pin["wheel"]
     assert pin["verdicts"] == {p.name: ("applies", pin["verdicts"][p.name][1]) for p in PATCHES}
-    assert pin["summary"] == f"the overlay is still needed on {PINS.pin}"
+    assert pin["summary"] == f"the overlay is still needed on {LOCK.pin}"
 
 
 @pytest.mark.network
@@ -185,7 +134,7 @@ def test_each_fix_is_found_from_the_release_its_provenance_names(real_releases, 
         else:
             assert state == "applies" or (state == "conflicts" and reason.endswith("forward-port it")), (
                 version, reason)  # fmt: skip
-    index = [r["wheel"] for v, r in real_releases.items() if v != PINS.pin]
+    index = [r["wheel"] for v, r in real_releases.items() if v != LOCK.pin]
     assert index and all("sha256 checked against the index" in w for w in index)
 
 
@@ -204,26 +153,26 @@ def test_default_is_the_pin_and_the_newest_release(real_releases):
     result = run(REPO, "upstream-status", "--arch", "x86_64")
     assert result.returncode == 0, result.stderr
     releases = parse_status(result.stdout)
-    assert list(releases) == [PINS.pin, max(real_releases, key=Version)]
+    assert list(releases) == [LOCK.pin, max(real_releases, key=Version)]
 
 
 def test_patch_that_no_longer_applies_needs_a_forward_port(tmp_path):
     """A context line of the patch's first hunk differs from the release: that hunk is named."""
     repo = copy_repo(tmp_path / "repo")
-    patch = repo / "patches" / ALONE.name
+    patch = repo / "patches" / LAST.name
     hunk = re.search(r"^(@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@.*)\n((?:[-+].*\n)*) (.*)$", patch.read_text(), re.M)
     header, context = hunk.group(1), hunk.group(3)
     text = patch.read_text()
     patch.write_text(text[: hunk.start(3)] + context + "  # not in the release" + text[hunk.end(3) :])
-    result = run(repo, "upstream-status", "--arch", "x86_64", PINS.pin)
+    result = run(repo, "upstream-status", "--arch", "x86_64", LOCK.pin)
     assert result.returncode == 0, result.stderr
-    release = parse_status(result.stdout)[PINS.pin]
-    state, reason = release["verdicts"].pop(ALONE.name)
+    release = parse_status(result.stdout)[LOCK.pin]
+    state, reason = release["verdicts"].pop(LAST.name)
     assert state == "conflicts"
     assert f"hunk '{header}'" in reason
     assert reason.endswith("forward-port it" if detect.for_origin(patching.origin(text)) else "review by hand")
     assert {s for s, _ in release["verdicts"].values()} <= {"applies"}
-    assert release["summary"] == f"the overlay needs a forward-port before it can patch {PINS.pin}"
+    assert release["summary"] == f"the overlay needs a forward-port before it can patch {LOCK.pin}"
 
 
 @pytest.mark.parametrize("arg, message", [

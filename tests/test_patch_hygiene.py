@@ -10,13 +10,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from build_helpers import PINS, REPO, upstream_path
+from build_helpers import LOCK, REPO, upstream_path
 from overlaytools import patching
 from packaging.version import Version
 from series_helpers import ADDED, CHANGED, FILES, MODULES, PATCHES, provenance
 
 VENV = Path(os.environ.get("VLLM_OVERLAY_VENV", sys.prefix))
-CPU, CUDA = (PINS.wheels(PINS.pin, [f], ["x86_64"])[0] for f in ("cpu", "cuda"))
+CPU, CUDA = (LOCK.wheels(LOCK.pin, [f], ["x86_64"])[0] for f in ("cpu", "cuda"))
 GIT_ENV = {
     **os.environ,
     "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@invalid",
@@ -53,7 +53,7 @@ def test_git_am_onto_a_git_tree_of_the_release(tmp_path):
         zf.extractall(tmp_path, members=sources)
     git("init", "-q", cwd=tmp_path)
     git("add", "vllm", cwd=tmp_path)
-    git("commit", "-qm", f"vllm {PINS.pin}", cwd=tmp_path)
+    git("commit", "-qm", f"vllm {LOCK.pin}", cwd=tmp_path)
     git("am", "-q", *map(str, PATCHES), cwd=tmp_path)
     subjects = git("log", "--format=%s", f"-{len(PATCHES)}", "--reverse", cwd=tmp_path)
     assert len(subjects.splitlines()) == len(PATCHES)
@@ -70,6 +70,12 @@ def test_series_lists_every_patch_file_once():
     assert sorted(p.name for p in (REPO / "patches").glob("*.patch")) == sorted(p.name for p in PATCHES)
     assert sorted(p.relative_to(REPO / "overlay").as_posix()
                   for p in (REPO / "overlay").rglob("*") if p.is_file()) == sorted(FILES)  # fmt: skip
+
+
+def test_number_prefixes_follow_the_series_order():
+    """patches/series is the order; each name's NNNN- prefix is the one `git format-patch`
+    gives it in that order (export writes them so, and `patch-queue check` compares names)."""
+    assert [p.name[:5] for p in PATCHES] == [f"{n:04d}-" for n in range(1, len(PATCHES) + 1)]
 
 
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name[:4])
@@ -108,7 +114,7 @@ def test_installed_wheel_has_the_patched_version_and_files(flavour):
     (versions,) = [ln.split(" ", 1)[1] for ln in lines if ln.startswith("VERSIONS ")]
     files = [ln.split(" ", 1)[1] for ln in lines if ln.startswith("FILE ")]
     assert len(files) == len(MODULES)
-    version = PINS.patched_version(PINS.pin, flavour)
+    version = LOCK.patched_version(LOCK.pin, flavour)
     assert versions.split() == [version, version]
     root = VENV / "cuda-flavour" if flavour == "cuda" else None
     for path, member in zip(files, MODULES.values(), strict=True):
@@ -123,7 +129,7 @@ def test_cpu_console_script_reports_the_patched_version():
         [str(VENV / "bin" / "vllm"), "--version"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == PINS.patched_version(PINS.pin, "cpu")
+    assert result.stdout.strip().splitlines()[-1] == LOCK.patched_version(LOCK.pin, "cpu")
 
 
 @pytest.mark.installed

@@ -13,9 +13,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from build_helpers import PINS, cache_dir, copy_repo, run_build, run_script
+from build_helpers import LOCK, cache_dir, copy_repo, run_build, run_script
 from overlaytools import gitrepo, patching, sources
-from series_helpers import PATCHES, TEST_PROVENANCE, files_of, owners, provenance
+from series_helpers import PATCHES, TEST_PROVENANCE, files_of, provenance
 
 NAMES = [p.name for p in PATCHES]
 QWEN3_FILE = "vllm/model_executor/models/qwen3_moe.py"
@@ -46,7 +46,7 @@ def state(repo: Path) -> dict[str, bytes]:
 
 @functools.cache
 def pristine(rel: str) -> bytes:
-    return sources.pinned_pristine(PINS, [rel], cache_dir(), offline=True)[rel]
+    return sources.pinned_pristine(LOCK, [rel], cache_dir(), offline=True)[rel]
 
 
 def blob_id(data: bytes) -> str:
@@ -106,7 +106,7 @@ def refused(result: subprocess.CompletedProcess, prog: str) -> str:
 
 def test_import_is_the_release_then_one_commit_per_patch(imported):
     queue = imported / ".patch-queue"
-    assert git(queue, "log", "-1", "--format=%s", "upstream").stdout == f"vLLM {PINS.pin}\n"
+    assert git(queue, "log", "-1", "--format=%s", "upstream").stdout == f"vLLM {LOCK.pin}\n"
     # The upstream commit holds every vllm/**.py of the release, as the release's blobs.
     names = git(queue, "ls-tree", "-r", "--name-only", "upstream").stdout.split()
     assert len(names) > 1000 and all(n.startswith("vllm/") and n.endswith(".py") for n in names)
@@ -192,9 +192,9 @@ def test_new_patch_exports_last_and_leaves_the_others_alone(imported, three_patc
 
 def test_added_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_path):
     assert run_build("--verify-only", *ONE_WHEEL, repo=three_patches).returncode == 0
-    check = run_script(three_patches, "refresh-patches", "--check", "--offline")
+    check = run_script(three_patches, "patch-queue", "check", "--offline")
     assert check.returncode == 0, check.stderr
-    assert f"{len(NAMES) + 1} patches are up to date" in check.stderr
+    assert f"{len(NAMES) + 1} patches are in export form" in check.stderr
     build = run_build(*ONE_WHEEL, "--out-dir", str(tmp_path), repo=three_patches)
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("*.whl")
@@ -204,39 +204,24 @@ def test_added_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_
 
 
 def test_upstream_status_judges_a_patch_without_detector_by_git_alone(three_patches):
-    result = run_script(three_patches, "upstream-status", "--arch", "x86_64", PINS.pin)
+    result = run_script(three_patches, "upstream-status", "--arch", "x86_64", LOCK.pin)
     assert result.returncode == 0, result.stderr
     lines = [ln.split() for ln in result.stdout.splitlines() if ".patch " in ln]
     assert [ln[1] for ln in lines] == ["applies"] * (len(NAMES) + 1)
     assert "judged by `git apply --check` forward and reverse alone" in result.stdout.splitlines()[-2]
 
 
-def test_refresh_keeps_a_file_of_several_patches_and_refuses_edits_to_it(three_patches, tmp_path):
-    repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
-    before = state(repo)
-    result = run_script(repo, "refresh-patches", "--offline")
-    assert result.returncode == 0, result.stderr
-    assert state(repo) == before
-
-    overlay = repo / "overlay" / QWEN3_FILE
-    overlay.write_text(overlay.read_text().replace("# shared experts first", "# shared first"))
-    error = refused(run_script(repo, "refresh-patches", "--offline"), "refresh-patches")
-    new = patching.series(repo / "patches")[-1].name
-    assert f"overlay/{QWEN3_FILE} is changed by several patches ({', '.join([*owners(QWEN3_FILE), new])})" in error
-    assert "scripts/patch-queue import" in error
-    assert state(repo) == {**before, f"overlay/{QWEN3_FILE}": overlay.read_bytes()}
-
-
 def test_hand_edited_patch_of_a_shared_file_fails_check_until_exported(three_patches, tmp_path):
     repo = Path(shutil.copytree(three_patches, tmp_path / "repo", symlinks=True))
     third = patching.series(repo / "patches")[-1]
     third.write_text(third.read_text().replace("# shared experts first", "# shared first"))
-    assert run_script(repo, "refresh-patches", "--overlays", "--offline").returncode == 0
-    error = refused(run_script(repo, "refresh-patches", "--check", "--offline"), "refresh-patches")
-    assert "run scripts/patch-queue import, then scripts/patch-queue export" in error
+    error = refused(run_script(repo, "patch-queue", "check", "--offline"), "patch-queue")
+    assert "overlay differs from pristine + patches" in error
+    # The queue is the way to change a patch: import the edited series, export it.
     assert run_script(repo, "patch-queue", "import", "--offline", "--force").returncode == 0
     assert export(repo).returncode == 0
-    assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
+    assert "# shared first" in (repo / "overlay" / QWEN3_FILE).read_text()
+    assert run_script(repo, "patch-queue", "check", "--offline").returncode == 0
 
 
 def test_dropping_the_added_patch_removes_its_patch_and_overlay_file(imported, three_patches, tmp_path):
@@ -291,7 +276,7 @@ def test_squash_exports_one_patch_with_both_messages(repo, tmp_path):
     text = squashed.read_text()
     assert all(provenance(p)["Origin"] in text for p in PATCHES[:2])
     assert set(files_of(squashed)) == {*files_of(PATCHES[0]), *files_of(PATCHES[1])}
-    assert run_script(repo, "refresh-patches", "--check", "--offline").returncode == 0
+    assert run_script(repo, "patch-queue", "check", "--offline").returncode == 0
 
 
 # ---- refusals --------------------------------------------------------------------------------
@@ -342,8 +327,8 @@ STRAY = "overlay/" + DEEPSEEK_FILE
 
 @pytest.mark.parametrize("command", [
     ["build.sh", *ONE_WHEEL], ["build.sh", "--verify-only", *ONE_WHEEL],
-    ["refresh-patches", "--offline"], ["refresh-patches", "--check", "--offline"],
-], ids=["build", "verify-only", "refresh", "check"])  # fmt: skip
+    ["patch-queue", "check", "--offline"],
+], ids=["build", "verify-only", "check"])  # fmt: skip
 def test_overlay_file_no_patch_touches_is_refused(command, tmp_path):
     repo = copy_repo(tmp_path / "repo")
     (repo / STRAY).write_bytes(pristine(DEEPSEEK_FILE).replace(b"shared_output", b"shared_out"))

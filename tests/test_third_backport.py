@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from build_helpers import PINS, REPO, run_build, run_script
+from build_helpers import LOCK, REPO, run_build, run_script
 from overlaytools import patching
 from series_helpers import PATCHES, TEST_PROVENANCE
 
@@ -60,8 +60,8 @@ def add_backport(repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"added overlay/{NEW_MODULE}" in result.stderr
     lock = json.loads((repo / "upstream.lock.json").read_text())
-    lock["label"] = re.sub(r"\d+$", lambda m: str(int(m[0]) + 1), PINS.label)  # moefix.1 -> moefix.2
-    assert lock["label"] != PINS.label
+    lock["label"] = re.sub(r"\d+$", lambda m: str(int(m[0]) + 1), LOCK.label)  # moefix.1 -> moefix.2
+    assert lock["label"] != LOCK.label
     (repo / "upstream.lock.json").write_text(json.dumps(lock, indent=1) + "\n")
 
 
@@ -85,7 +85,7 @@ def test_patch_level_tests_pass_with_a_third_backport_that_adds_a_module(tmp_pat
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "passed" in summary and not re.search(r"failed|error|skipped", summary), summary
     # The tests saw the third patch and the added module.
-    for test in ("test_maintenance.py::test_committed_patches_are_what_refresh_writes",
+    for test in ("test_maintenance.py::test_committed_patches_and_overlay_pass_the_drift_guard",
                  "test_plugin.py::test_other_file_changes_nothing_and_warns_with_both_hashes[added]",
                  "test_plugin.py::test_applies_on_pristine_vllm_when_vllm_plugins_names_it"):
         assert f"PASSED tests/{test}" in result.stdout, test

@@ -65,13 +65,13 @@ def _written(args: argparse.Namespace, staged: list[publish.Staging]) -> str:
 
 def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
     started = time.monotonic()
-    pins = lock.load(args.lock)
-    version = args.vllm_version or pins.pin
+    locked = lock.load(args.lock)
+    version = args.vllm_version or locked.pin
     flavours = [f for f in lock.FLAVOURS if args.flavour in (f, "all")]
     plugin = args.flavour in (PLUGIN, "all")
     arches = lock.ARCHES if args.arch == "all" else (args.arch,)
     # The plugin records the pristine files of every flavour's wheels and checks they agree.
-    artifacts = pins.wheels(version, lock.FLAVOURS if plugin else flavours, arches)
+    artifacts = locked.wheels(version, lock.FLAVOURS if plugin else flavours, arches)
     patches = patching.series()
     if not patches:
         raise OverlayError(f"{patching.PATCHES / 'series'} lists no patch: nothing to build")
@@ -102,16 +102,16 @@ def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
                     plugin_inputs.add(artifact.filename, source, pristine, patched)
                 if staging is None or artifact.flavour not in flavours:
                     continue
-                new_version = pins.patched_version(version, artifact.flavour)
-                name = rewheel.wheel_filename(artifact.filename, "vllm", new_version)
+                name = rewheel.patched_filename(locked, artifact, version)
+                new_version = locked.patched_version(version, artifact.flavour)
                 rewheel.rewrite(source, staging.path / name, "vllm", new_version, version, patched)
                 built[name] = _sha256(staging.path / name)
                 log(f"  wrote {name}")
                 publish.checkpoint("staging")
         if plugin and staging is not None:
-            plugin_version = pins.patched_version(version, PLUGIN)
+            plugin_version = locked.patched_version(version, PLUGIN)
             name = plugin_wheel.filename(plugin_version)
-            plugin_wheel.write(staging.path / name, plugin_version, pins.label, patches, plugin_inputs)
+            plugin_wheel.write(staging.path / name, plugin_version, locked.label, patches, plugin_inputs)
             built[name] = _sha256(staging.path / name)
             log(f"  wrote {name}")
             publish.checkpoint("staging")

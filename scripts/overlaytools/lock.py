@@ -76,12 +76,6 @@ class Lock:
                 found += matches
         return found
 
-    def sdist(self, version: str) -> Artifact:
-        matches = [a for a in self.artifacts(version) if a.flavour == "sdist"]
-        if len(matches) != 1:
-            raise OverlayError(f"the lock has no single sdist entry for vllm {version}")
-        return matches[0]
-
     def patched_version(self, version: str, flavour: str) -> str:
         """0.19.1+<label> for CUDA and the plugin, 0.19.1+cpu.<label> (upstream's CPU
         naming) for CPU."""

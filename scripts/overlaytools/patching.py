@@ -174,22 +174,22 @@ def origin(message: str) -> str | None:
     return found.group(1) if found else None
 
 
-def overlay_files(overlay_dir: Path = OVERLAY) -> list[str]:
+def overlay_files() -> list[str]:
     """Repository-relative paths of every file under overlay/, which must hold no
     symlink (a link would let the tools read or write outside the checkout)."""
-    links = [overlay_dir] if overlay_dir.is_symlink() else []
+    links = [OVERLAY] if OVERLAY.is_symlink() else []
     files = []
-    for folder, dirs, names in os.walk(overlay_dir):
+    for folder, dirs, names in os.walk(OVERLAY):
         links += [Path(folder, n) for n in dirs + names if Path(folder, n).is_symlink()]
-        files += [Path(folder, n).relative_to(overlay_dir).as_posix() for n in names]
+        files += [Path(folder, n).relative_to(OVERLAY).as_posix() for n in names]
     if links:
         raise OverlayError(f"{links[0]} is a symlink; overlay/ holds plain files and directories only")
     return sorted(files)
 
 
-def refuse_strays(touched: list[str], overlay_dir: Path = OVERLAY) -> None:
+def refuse_strays(touched: list[str]) -> None:
     """An overlay file that no patch changes would never reach a wheel: refuse it."""
-    strays = [rel for rel in overlay_files(overlay_dir) if rel not in touched]
+    strays = [rel for rel in overlay_files() if rel not in touched]
     if strays:
         raise OverlayError(
             f"{', '.join('overlay/' + rel for rel in strays)}: no patch in patches/series "
@@ -266,11 +266,11 @@ def _hunk_header(patch: Path, path: str, old_start: str) -> str:
     return f"at line {old_start}"
 
 
-def overlay_mismatches(patched: dict[str, bytes], overlay_dir: Path = OVERLAY) -> str:
+def overlay_mismatches(patched: dict[str, bytes]) -> str:
     """A unified diff of every overlay file that differs from pristine + patches ('' if none)."""
     out = []
     for rel, expected in patched.items():
-        overlay_file = overlay_dir / rel
+        overlay_file = OVERLAY / rel
         actual = overlay_file.read_bytes() if overlay_file.exists() else b""
         if actual != expected:
             out.append(text_diff(expected, actual, f"pristine+patches/{rel}", f"overlay/{rel}"))
@@ -285,17 +285,16 @@ def text_diff(old: bytes, new: bytes, fromfile: str, tofile: str) -> str:
     ))  # fmt: skip
 
 
-def check(pristine: dict[str, bytes], patches: list[Path], overlay_dir: Path = OVERLAY) -> dict:
+def check(pristine: dict[str, bytes], patches: list[Path]) -> dict:
     """Apply the series and require the overlay to equal the result, with no other
     file in it; return the result."""
     patched = apply(pristine, patches)
-    refuse_strays(list(patched), overlay_dir)
-    diff = overlay_mismatches(patched, overlay_dir)
+    refuse_strays(list(patched))
+    diff = overlay_mismatches(patched)
     if diff:
         raise OverlayError(
-            "overlay differs from pristine + patches: after editing an overlay run "
-            "scripts/refresh-patches; after editing a patch run scripts/refresh-patches --overlays; "
-            "after working in the patch queue run scripts/patch-queue export",
+            "overlay differs from pristine + patches: overlay/ is written by scripts/patch-queue "
+            "export; make changes in the patch queue (import, commit, export)",
             detail=diff,
         )
     return patched

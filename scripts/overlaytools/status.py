@@ -53,20 +53,20 @@ def main(argv: list[str]) -> int:
 
 
 def status(args: argparse.Namespace) -> None:
-    pins = lock.load()
+    locked = lock.load()
     cache = args.cache_dir or fetch.default_cache_dir()
     patches = patching.series()
     if not patches:
         raise OverlayError(f"{patching.PATCHES / 'series'} lists no patch: nothing to check")
     for patch in patches:
         patching.check_format(patch)
-    requested = args.versions or [pins.pin, "latest"]
+    requested = args.versions or [locked.pin, "latest"]
     for spec in requested:
         if spec != "latest":
             _check_version(spec)
     done = set()
     for spec in requested:
-        version, artifact = _release_wheel(pins, spec, args.arch)
+        version, artifact = _release_wheel(locked, spec, args.arch)
         if version in done:
             continue
         done.add(version)
@@ -83,10 +83,10 @@ def _check_version(spec: str) -> None:
         raise OverlayError(f"{spec!r} is not a version (e.g. 0.22.0) or 'latest'") from None
 
 
-def _release_wheel(pins: lock.Lock, spec: str, arch: str) -> tuple[str, lock.Artifact]:
+def _release_wheel(locked: lock.Lock, spec: str, arch: str) -> tuple[str, lock.Artifact]:
     """The release's CUDA wheel: from the lock if locked, else as the index lists it."""
-    if spec in pins.releases:
-        return spec, pins.wheels(spec, ["cuda"], [arch])[0]
+    if spec in locked.releases:
+        return spec, locked.wheels(spec, ["cuda"], [arch])[0]
     requirement = "vllm" if spec == "latest" else f"vllm=={spec}"
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"

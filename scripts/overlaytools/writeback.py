@@ -22,41 +22,38 @@ def replace(path: Path, data: bytes) -> bool:
     return True
 
 
-def patches(old: list[str], fresh: dict[str, bytes], patches_dir: Path = patching.PATCHES) -> int:
+def patches(old: list[str], fresh: dict[str, bytes]) -> int:
     """Write `fresh` (name -> bytes, in order) and its series; remove the `old`
     patches that are no longer part of it. The number of files changed."""
     changed = 0
     for name, data in fresh.items():
-        written = replace(patches_dir / name, data)
+        written = replace(patching.PATCHES / name, data)
         changed += written
         log(f"{'unchanged' if not written else 'updated' if name in old else 'added'} patches/{name}")
-    changed += _series(patches_dir / "series", list(fresh))
+    changed += _series(patching.PATCHES / "series", list(fresh))
     for name in old:
-        if name not in fresh and (patches_dir / name).exists():
-            (patches_dir / name).unlink()
+        if name not in fresh and (patching.PATCHES / name).exists():
+            (patching.PATCHES / name).unlink()
             changed += 1
             log(f"removed patches/{name}")
     return changed
 
 
-def overlays(patched: dict[str, bytes], prune: bool = False,
-             overlay_dir: Path = patching.OVERLAY) -> int:  # fmt: skip
-    """Write each patched file into overlay/; with `prune`, remove every other file
-    there. The number of files changed."""
+def overlays(patched: dict[str, bytes]) -> int:
+    """Write each patched file into overlay/ and remove every other file there.
+    The number of files changed."""
     changed = 0
     for rel, data in patched.items():
-        existed = (overlay_dir / rel).exists()
-        written = replace(overlay_dir / rel, data)
+        existed = (patching.OVERLAY / rel).exists()
+        written = replace(patching.OVERLAY / rel, data)
         changed += written
         log(f"{'unchanged' if not written else 'updated' if existed else 'added'} overlay/{rel}")
-    if not prune:
-        return changed
-    for rel in patching.overlay_files(overlay_dir):
+    for rel in patching.overlay_files():
         if rel not in patched:
-            (overlay_dir / rel).unlink()
+            (patching.OVERLAY / rel).unlink()
             changed += 1
             log(f"removed overlay/{rel}")
-    for folder in sorted(overlay_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+    for folder in sorted(patching.OVERLAY.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     return changed

@@ -1,10 +1,10 @@
 """Which vLLM this GPU test process runs, and whether it can run on a GPU at all.
 
-Imports neither torch nor vLLM at module level, so scripts/run-gpu-tests and
+Imports neither torch nor vLLM at module level, so tests/run-gpu-tests and
 collection on machines without a GPU can use it.
 
 Each GPU test process runs one variant, named by VARIANT_ENV, with that variant's
-vLLM first on PYTHONPATH (scripts/run-gpu-tests sets both):
+vLLM first on PYTHONPATH (tests/run-gpu-tests sets both):
   patched   the patched CUDA wheel
   pristine  upstream vLLM 0.19.1: both bugs must show
   plugin    upstream vLLM 0.19.1 with the plugin wheel: fixed through vLLM's plugin loader
@@ -57,7 +57,7 @@ def unavailable() -> str:
                 "not its CUDA platform")  # fmt: skip
     if variant() not in VARIANTS:
         return (f"GPU tests: {VARIANT_ENV} is {variant() or 'unset'}, not one of "
-                f"{', '.join(VARIANTS)}: scripts/run-gpu-tests sets it")  # fmt: skip
+                f"{', '.join(VARIANTS)}: tests/run-gpu-tests sets it")  # fmt: skip
     return ""
 
 

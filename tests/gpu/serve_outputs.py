@@ -1,5 +1,5 @@
 """The greedy outputs each variant's GPU servers gave, written per variant by
-test_serve_cuda.py and compared across variants by scripts/run-gpu-tests.
+test_serve_cuda.py and compared across variants by tests/run-gpu-tests.
 
 Standard library only: run-gpu-tests imports it outside any vLLM environment.
 """

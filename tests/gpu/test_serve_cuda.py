@@ -1,12 +1,12 @@
 """`vllm serve` on the GPU, in this process's variant, of the tiny checkpoints of
-scripts/make-tiny-checkpoints: eager and with torch.compile + CUDA graphs, float32 and
+tests/make-tiny-checkpoints: eager and with torch.compile + CUDA graphs, float32 and
 bfloat16 (FlashAttention on Hopper). All servers of a process start at once, each with
 a small share of the GPU.
 
 Checked here: every server comes up and answers /version with the variant's version;
 the routed checkpoint's greedy text equals transformers' on the GPU; with the plugin,
 the API server and the engine core log its INFO line. Each variant writes its greedy
-outputs (serve_outputs.FILE); scripts/run-gpu-tests then checks that the variants agree.
+outputs (serve_outputs.FILE); tests/run-gpu-tests then checks that the variants agree.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Served:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints")
-    subprocess.run([sys.executable, str(REPO / "scripts/make-tiny-checkpoints"), str(out)],
+    subprocess.run([sys.executable, str(REPO / "tests/make-tiny-checkpoints"), str(out)],
                    check=True, capture_output=True)  # fmt: skip
     return out
 

@@ -1,10 +1,12 @@
 """scripts/patch-queue: the patch series as a git branch of commits on the pristine release.
 
-`import` makes a repository whose `upstream` tag is the pin's pristine
+The one way to change the series. `import` makes a repository whose `upstream` tag is the pin's pristine
 vllm/**.py (from the hash-verified upstream wheel, so every blob is the
 release's own and upstream patches apply with `git am -3`), with one commit
 per patch on top. Maintainers rework it with plain git; `export` writes
-patches/, patches/series and overlay/ back from upstream..HEAD.
+patches/, patches/series and overlay/ back from upstream..HEAD. `check` is the
+drift guard CI runs: overlay/ is pristine + patches, and the patches are in the
+form export writes.
 """
 
 from __future__ import annotations
@@ -35,14 +37,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "repository of the pinned release's pristine vllm/ sources (tag 'upstream') "
         "with one commit per patch; work there with plain git (commit, rebase -i "
         "upstream, cherry-pick, am -3 --keep-non-patch); 'export' writes patches/ and "
-        "overlay/ back.",
+        "overlay/ back; 'check' (the drift guard) changes nothing and fails where "
+        "patches/ or overlay/ is not what an export writes.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("import", "create the queue from patches/series"),
-                       ("export", "write patches/, series and overlay/ from upstream..HEAD")):
+                       ("export", "write patches/, series and overlay/ from upstream..HEAD"),
+                       ("check", "change nothing; fail where overlay/ is not pristine + patches "
+                        "or a patch is not in the form export writes")):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--dir", type=Path, default=DEFAULT_DIR,
-                         help="the queue's git repository [.patch-queue/ in the checkout]")
+        if name != "check":
+            sub.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                             help="the queue's git repository [.patch-queue/ in the checkout]")
         if name == "import":
             sub.add_argument("--force", action="store_true",
                              help="replace an existing queue (its commits are lost)")
@@ -52,18 +58,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    action = import_queue if args.command == "import" else export_queue
-    written = ("the queue was not replaced" if args.command == "import"
-               else "each file of patches/ or overlay/ it rewrote was replaced whole")  # fmt: skip
-    return run(PROG, lambda: action(args), lambda: written)
+    action = {"import": import_queue, "export": export_queue, "check": check}[args.command]
+    written = {"import": "the queue was not replaced", "check": "nothing was written",
+               "export": "each file of patches/ or overlay/ it rewrote was replaced whole"}  # fmt: skip
+    return run(PROG, lambda: action(args), lambda: written[args.command])
 
 
-def upstream_subject(pins: lock.Lock) -> str:
-    return f"vLLM {pins.pin}"
+def upstream_subject(locked: lock.Lock) -> str:
+    return f"vLLM {locked.pin}"
 
 
 def import_queue(args: argparse.Namespace) -> None:
-    pins = lock.load()
+    locked = lock.load()
     dest = args.dir.absolute()
     if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir() or any(dest.iterdir())):
         if not args.force:
@@ -73,7 +79,7 @@ def import_queue(args: argparse.Namespace) -> None:
             raise OverlayError(f"{dest} is not a patch queue made by {PROG} import; "
                                "not removing it with --force")  # fmt: skip
     patches = patching.series()
-    artifact, files = sources.release_sources(pins, args.cache_dir or fetch.default_cache_dir(),
+    artifact, files = sources.release_sources(locked, args.cache_dir or fetch.default_cache_dir(),
                                               args.offline)  # fmt: skip
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
@@ -81,10 +87,10 @@ def import_queue(args: argparse.Namespace) -> None:
         git = gitrepo.Git(staging)
         git("init", "-q", "-b", BRANCH)
         (staging / ".git" / MARKER).write_text(f"made by scripts/{PROG} import\n")
-        log(f"writing {len(files):,} files of vLLM {pins.pin} from {artifact.filename}")
+        log(f"writing {len(files):,} files of vLLM {locked.pin} from {artifact.filename}")
         patching.write_files(staging, files)
         git("add", "-A")
-        message = (f"{upstream_subject(pins)}\n\nThe pristine vllm/**.py files of "
+        message = (f"{upstream_subject(locked)}\n\nThe pristine vllm/**.py files of "
                    f"{artifact.filename}\n(sha256 {artifact.sha256}).\n")  # fmt: skip
         git("commit", "-q", "-F", "-", input=message)
         git("tag", UPSTREAM)
@@ -97,12 +103,12 @@ def import_queue(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"{dest}: branch {BRANCH}, {len(patches)} patch commit(s) on tag {UPSTREAM} "
-        f"(vLLM {pins.pin}); edit with git, then run scripts/patch-queue export")  # fmt: skip
+        f"(vLLM {locked.pin}); edit with git, then run scripts/patch-queue export")  # fmt: skip
 
 
 def export_queue(args: argparse.Namespace) -> None:
-    pins = lock.load()
-    git = _queue(args.dir, pins)
+    locked = lock.load()
+    git = _queue(args.dir, locked)
     commits = git.out("rev-list", "--reverse", f"{UPSTREAM}..HEAD").split()
     if not commits:
         raise OverlayError(f"{args.dir} has no commits on top of {UPSTREAM}: nothing to export")
@@ -113,7 +119,7 @@ def export_queue(args: argparse.Namespace) -> None:
         for patch in raw:
             patching.check_format(patch)
         touched = patching.touched_files(raw)
-        pristine = sources.pinned_pristine(pins, touched, args.cache_dir or fetch.default_cache_dir(),
+        pristine = sources.pinned_pristine(locked, touched, args.cache_dir or fetch.default_cache_dir(),
                                            args.offline, patching.added_files(raw))  # fmt: skip
         fresh = gitrepo.normalize(pristine, raw)
         staged = Path(tmp) / "patches"
@@ -122,21 +128,53 @@ def export_queue(args: argparse.Namespace) -> None:
         patched = patching.apply(pristine, [staged / name for name in fresh])
     for rel, data in patched.items():
         if data != git.out("show", f"HEAD:{rel}").encode():
-            raise OverlayError(f"{rel} at HEAD is not pristine vLLM {pins.pin} + the exported "
+            raise OverlayError(f"{rel} at HEAD is not pristine vLLM {locked.pin} + the exported "
                                f"patches: is {UPSTREAM} the release? re-import the queue")  # fmt: skip
     try:
         old = [p.name for p in patching.series()]
     except OverlayError:
         old = []
-    changed = writeback.patches(old, fresh) + writeback.overlays(patched, prune=True)
+    changed = writeback.patches(old, fresh) + writeback.overlays(patched)
     if changed:
         log(f"exported {len(fresh)} patch(es) from {args.dir}; bump label in "
-            "upstream.lock.json, then run ./build.sh and scripts/run-tests")
+            "upstream.lock.json, then run ./build.sh and tests/run")
     else:
         log(f"exported {len(fresh)} patch(es) from {args.dir}: patches/ and overlay/ were up to date")
 
 
-def _queue(path: Path, pins: lock.Lock) -> gitrepo.Git:
+def check(args: argparse.Namespace) -> None:
+    """The drift guard: the overlay is pristine + patches, and the patches are
+    stored as `git am` + `git format-patch` write them (as export does)."""
+    locked = lock.load()
+    patches = patching.series()
+    for patch in patches:
+        patching.check_format(patch)
+    members = patching.touched_files(patches)
+    patching.refuse_strays(members)
+    pristine = sources.pinned_pristine(locked, members, args.cache_dir or fetch.default_cache_dir(),
+                                       args.offline, patching.added_files(patches))  # fmt: skip
+    patching.check(pristine, patches)
+    current = {p.name: p.read_bytes() for p in patches}
+    fresh = gitrepo.normalize(pristine, patches)
+    if list(fresh.items()) != list(current.items()):
+        raise OverlayError(
+            f"patches/ is not in the form an export writes (after a hand edit?): run scripts/{PROG} "
+            f"import, then scripts/{PROG} export",
+            detail=_patch_diff(current, fresh),
+        )
+    log(f"{len(patches)} patches are in export form and overlay/ is pristine + patches")
+
+
+def _patch_diff(current: dict[str, bytes], fresh: dict[str, bytes]) -> str:
+    return "".join(
+        patching.text_diff(current.get(name, b""), fresh.get(name, b""),
+                           f"patches/{name}", f"exported/{name}")
+        for name in sorted(set(current) | set(fresh))
+        if current.get(name) != fresh.get(name)
+    )  # fmt: skip
+
+
+def _queue(path: Path, locked: lock.Lock) -> gitrepo.Git:
     """The queue's git, once it is clean and based on the pin's upstream commit."""
     if not (path / ".git").exists():
         raise OverlayError(f"{path} is not a patch queue: create it with scripts/patch-queue import")
@@ -153,8 +191,8 @@ def _queue(path: Path, pins: lock.Lock) -> gitrepo.Git:
     if git("rev-parse", "-q", "--verify", f"{UPSTREAM}^{{commit}}", check=False).returncode:
         raise OverlayError(f"{path} has no tag {UPSTREAM!r}: re-import the queue")
     subject = git.out("log", "-1", "--format=%s", UPSTREAM).strip()
-    if subject != upstream_subject(pins):
-        raise OverlayError(f"{path}: {UPSTREAM} is {subject!r}, but the pin is vLLM {pins.pin}; "
+    if subject != upstream_subject(locked):
+        raise OverlayError(f"{path}: {UPSTREAM} is {subject!r}, but the pin is vLLM {locked.pin}; "
                            "re-import the queue")  # fmt: skip
     if git("merge-base", "--is-ancestor", UPSTREAM, "HEAD", check=False).returncode:
         raise OverlayError(f"{path}: HEAD is not based on {UPSTREAM}; rebase it "

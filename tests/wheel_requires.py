@@ -1,4 +1,4 @@
-"""Print a wheel's runtime requirements for this machine, leaving out the torch family.
+"""A wheel's runtime requirements for this machine, leaving out the torch family.
 
 The CPU wheel pins torch==2.10.0+cpu, which only PyTorch's own index serves;
 the test environment installs torch itself and the wheel with --no-deps.
@@ -6,12 +6,11 @@ the test environment installs torch itself and the wheel with --no-deps.
 
 from __future__ import annotations
 
-import sys
 import zipfile
 
 from packaging.requirements import Requirement
 
-from .rewheel import dist_info_dir
+from overlaytools.rewheel import dist_info_dir
 
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
 
@@ -30,7 +29,3 @@ def runtime_requirements(wheel: str) -> list[str]:
         req.marker = None
         out.append(str(req))
     return out
-
-
-if __name__ == "__main__":
-    print("\n".join(runtime_requirements(sys.argv[1])))
