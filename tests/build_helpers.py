@@ -55,7 +55,7 @@ def copy_repo(dest: Path) -> Path:
     dest.mkdir()
     for name in ("build.sh", "upstream.lock.json"):
         shutil.copy2(REPO / name, dest / name)
-    for name in ("scripts", "patches", "overlay"):
+    for name in ("scripts", "patches", "overlay", "plugin"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 

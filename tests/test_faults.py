@@ -433,6 +433,9 @@ MANIFEST_CASES = {
     "wrong type": lambda text: json.dumps({**json.loads(text), "modules": "vllm"}),
     "empty module list": lambda text: json.dumps({**json.loads(text), "modules": []}),
     "bad sha256": lambda text: text.replace('"pristine_sha256": "', '"pristine_sha256": "X', 1),
+    # what a later builder might write, or an earlier one that carried no version
+    "other schema version": lambda text: json.dumps({**json.loads(text), "schema": json.loads(text)["schema"] + 1}),
+    "no schema version": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "schema"}),
 }  # fmt: skip
 LOAD = """
 import importlib.util

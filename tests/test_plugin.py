@@ -18,6 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import packaging
 import pytest
 from build_helpers import (
     DIST, LOCK, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
@@ -107,13 +108,27 @@ def test_manifest_records_pristine_and_patched_hashes(manifest):
         assert entry["patched_sha256"] != entry["pristine_sha256"]
 
 
+def test_built_by_setuptools_from_the_pyproject(wheel):
+    generator = wheel.read(f"{dist_info(wheel)}/WHEEL").decode().splitlines()[1]
+    assert generator.startswith("Generator: setuptools (")
+    project = (REPO / "plugin" / "pyproject.toml").read_text()
+    assert 'build-backend = "setuptools.build_meta"' in project.splitlines()
+
+
 def test_flavour_plugin_builds_only_it_identically_for_any_arch(tmp_path):
+    """Byte-identical to dist/'s whatever the arch, the umask and where it is staged."""
+    out, staging = tmp_path / "out", tmp_path / "elsewhere"
+    staging.mkdir()
     result = run_build("--offline", "--flavour", "plugin", "--arch", "aarch64",
-                       "--out-dir", str(tmp_path))  # fmt: skip
+                       "--out-dir", str(out), env={"TMPDIR": str(staging)}, umask=0o077)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "SHA256SUMS", PLUGIN_WHEEL.name]  # fmt: skip
-    assert (tmp_path / PLUGIN_WHEEL.name).read_bytes() == PLUGIN_WHEEL.read_bytes()
+    assert (out / PLUGIN_WHEEL.name).read_bytes() == PLUGIN_WHEEL.read_bytes()
+    built = zipfile.ZipFile(out / PLUGIN_WHEEL.name)
+    assert {oct(i.external_attr >> 16) for i in built.infolist()
+            if not i.filename.endswith("/RECORD")} == {"0o100644"}  # fmt: skip
+    assert not [n for n in built.namelist() if str(staging).encode() in built.read(n)]
     listed = (DIST / "SHA256SUMS").read_text().splitlines()
     assert f"{sha256(PLUGIN_WHEEL.read_bytes())}  {PLUGIN_WHEEL.name}" in listed
 
@@ -131,6 +146,20 @@ def test_build_refuses_an_overlay_file_that_is_not_a_module(tmp_path, path):
     assert result.stderr.strip().splitlines()[-1].startswith("build.sh: error: the plugin can")
     assert path in result.stderr
     assert not list((tmp_path / "out").glob("*.whl"))
+
+
+def test_build_without_setuptools_is_one_line_naming_the_install(tmp_path):
+    # A Python with packaging (copied from the test environment) but no setuptools at all.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "py")], check=True)
+    shutil.copytree(Path(packaging.__file__).parent, tmp_path / "lib" / "packaging")
+    python = tmp_path / "py" / "bin" / "python"
+    result = run_build("--offline", "--flavour", "plugin", "--out-dir", str(tmp_path / "out"),
+                       env={"PYTHON": str(python), "PYTHONPATH": str(tmp_path / "lib")})  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("build.sh: error: the plugin wheel needs setuptools>=")
+    assert f"{python} -m pip install 'setuptools>=" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_pip_installs_it_without_touching_vllm(tmp_path):

@@ -17,16 +17,16 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import schema
 
 NAME = "vllm_moe_overlay"  # the entry point's name: what VLLM_PLUGINS lists
 FILES = Path(__file__).resolve().parent / "files"
 # A child of vLLM's logger, so vLLM's handler formats these lines in its processes.
 logger = logging.getLogger(f"vllm.{NAME}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ManifestError(ValueError):
@@ -34,40 +34,17 @@ class ManifestError(ValueError):
 
 
 def manifest() -> dict:
-    """Written at build time: target release, label, patches, per-file sha256; validated."""
+    """Written at build time: target release, label, patches, per-file sha256; validated
+    against the schema this loader reads (schema.py)."""
     path = Path(__file__).parent / "manifest.json"
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from None
-    problem = _manifest_problem(info)
+    problem = schema.problem(info)
     if problem:
         raise ManifestError(f"{path}: {problem}")
     return info
-
-
-def _manifest_problem(info) -> str | None:
-    def strings(entry, keys):
-        return isinstance(entry, dict) and all(isinstance(entry.get(k), str) and entry[k] for k in keys)
-
-    if not strings(info, ("vllm_version", "label")):
-        return "vllm_version and label must be non-empty strings"
-    if not isinstance(info.get("patches"), list) or not info["patches"]:
-        return "patches must be a non-empty list"
-    if not all(strings(p, ("name", "subject")) for p in info["patches"]):
-        return "each patch needs a name and a subject"
-    if not isinstance(info.get("modules"), list) or not info["modules"]:
-        return "modules must be a non-empty list"
-    for m in info["modules"]:
-        if not strings(m, ("module", "path", "pristine_sha256", "patched_sha256")):
-            return "each module needs module, path, pristine_sha256 and patched_sha256 strings"
-        parts = m["path"].split("/")
-        if (parts[0] != "vllm" or not m["path"].endswith(".py") or ".." in parts
-                or m["module"] != m["path"][: -len(".py")].replace("/", ".")):  # fmt: skip
-            return f"module {m['module']!r} does not match its path {m['path']!r}"
-        if not all(_SHA256.fullmatch(m[k]) for k in ("pristine_sha256", "patched_sha256")):
-            return f"{m['module']}: a sha256 is not 64 lower-case hex digits"
-    return None
 
 
 @dataclass(frozen=True)

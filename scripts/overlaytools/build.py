@@ -82,6 +82,8 @@ def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
     if plugin:  # refuse up front a file an import hook cannot serve
         for member in members:
             plugin_wheel.module_name(member)
+        if not args.verify_only:
+            plugin_wheel.check_backend()
     plugin_inputs = plugin_wheel.Inputs()
     cache = args.cache_dir or fetch.default_cache_dir()
     publish.checkpoint("before-staging")

@@ -1,29 +1,47 @@
-"""The pure-Python plugin wheel: the loader of plugin/, the overlay files verbatim, a manifest.
+"""The pure-Python plugin wheel: plugin/ (a setuptools project: the loader) staged with the
+patched files and a manifest, then built by setuptools through its PEP 517 hook.
 
-Written with zipfile and the RECORD rows of rewheel: sorted members, one
-fixed timestamp and mode, so the same inputs give the same bytes.
+Reproducible: every member gets the timestamp of SOURCE_DATE_EPOCH and mode 644
+whatever the umask, and nothing names the staging directory; the bytes depend only
+on the inputs and the setuptools version.
 """
 
 from __future__ import annotations
 
-import csv
+import functools
 import hashlib
-import io
-import json
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
+
+from packaging.requirements import Requirement
 
 from . import gitrepo, rewheel
 from .errors import OverlayError
 from .lock import REPO
 
-DIST_NAME = "vllm-moe-overlay"
 PACKAGE = "vllm_moe_overlay"
-LOADER = REPO / "plugin" / PACKAGE
-ENTRY_POINT = f"[vllm.general_plugins]\n{PACKAGE} = {PACKAGE}:register\n"
-DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say
-FILE_MODE = 0o100644 << 16
-SUMMARY = "vLLM {version} MoE fixes ({label}) loaded as a vLLM general plugin"
+PROJECT = REPO / "plugin"
+LOADER = PROJECT / PACKAGE
+SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01 00:00 UTC, the earliest a zip can say
+# PEP 517's build_wheel hook of plugin/pyproject.toml's backend, in a fresh interpreter.
+BUILD_WHEEL = "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])"
+
+
+@functools.lru_cache(maxsize=None)
+def schema():
+    """plugin/vllm_moe_overlay/schema.py on its own, without the package around it."""
+    spec = importlib.util.spec_from_file_location(f"{PACKAGE}_schema", LOADER / "schema.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def filename(version: str) -> str:
@@ -74,59 +92,83 @@ def _requires_python(source, wheel: str) -> str:
 
 def manifest(version: str, label: str, patches: list[Path], pristine: dict[str, bytes],
              patched: dict[str, bytes]) -> bytes:  # fmt: skip
-    info = {
-        "vllm_version": version,
-        "label": label,
-        "patches": [
-            {"name": p.name, "subject": gitrepo.read_message(p).text.partition("\n")[0]}
-            for p in patches
-        ],
-        "modules": [
-            {"module": module_name(path), "path": path,
-             # None: a module the patches add, which the release does not have
-             "pristine_sha256": hashlib.sha256(pristine[path]).hexdigest() if path in pristine else None,
-             "patched_sha256": hashlib.sha256(patched[path]).hexdigest()}
-            for path in sorted(patched)
-        ],  # fmt: skip
-    }
-    return (json.dumps(info, indent=1, sort_keys=True) + "\n").encode()
+    try:
+        info = schema().manifest(
+            vllm_version=version,
+            label=label,
+            patches=[
+                {"name": p.name, "subject": gitrepo.read_message(p).text.partition("\n")[0]}
+                for p in patches
+            ],
+            modules=[
+                {"module": module_name(path), "path": path,
+                 # None: a module the patches add, which the release does not have
+                 "pristine_sha256": hashlib.sha256(pristine[path]).hexdigest() if path in pristine else None,
+                 "patched_sha256": hashlib.sha256(patched[path]).hexdigest()}
+                for path in sorted(patched)
+            ],  # fmt: skip
+        )
+    except ValueError as exc:  # what schema.py refuses
+        raise OverlayError(f"the plugin manifest would be refused: {exc}") from None
+    return schema().dumps(info)
+
+
+def setuptools_requirement() -> Requirement:
+    """build-system.requires of plugin/pyproject.toml: one setuptools requirement."""
+    found = re.search(r'^requires = \["([^"]+)"\]', (PROJECT / "pyproject.toml").read_text(), re.M)
+    if not found:
+        raise OverlayError(f"{PROJECT / 'pyproject.toml'}: no one-line build-system requires")
+    return Requirement(found.group(1))
+
+
+def check_backend() -> None:
+    """Refuse up front a Python whose setuptools cannot build the plugin wheel (offline too:
+    the build uses the installed setuptools, it never fetches one)."""
+    needed = setuptools_requirement()
+    try:
+        found = importlib.metadata.version(needed.name)
+    except importlib.metadata.PackageNotFoundError:
+        found = None
+    if found is None or not needed.specifier.contains(found, prereleases=True):
+        raise OverlayError(
+            f"the plugin wheel needs {needed} for {sys.executable} (found "
+            f"{found or 'none'}): {sys.executable} -m pip install '{needed}'"
+        )
 
 
 def write(out: Path, version: str, label: str, patches: list[Path], inputs: Inputs) -> None:
     """The plugin wheel `version` (release+label), at `out`."""
-    package = {
-        f"{PACKAGE}/{p.relative_to(LOADER)}": p.read_bytes()
-        for p in sorted(LOADER.rglob("*.py"))
-    }
-    package[f"{PACKAGE}/manifest.json"] = manifest(
-        version.split("+")[0], label, patches, inputs.pristine, inputs.patched
-    )
-    for path, data in inputs.patched.items():
-        package[f"{PACKAGE}/files/{path}"] = data
-    dist_info = f"{PACKAGE}-{version}.dist-info"
-    meta = {
-        f"{dist_info}/METADATA": (
-            f"Metadata-Version: 2.1\nName: {DIST_NAME}\nVersion: {version}\n"
-            f"Summary: {SUMMARY.format(version=version.split('+')[0], label=label)}\n"
-            f"Requires-Python: {inputs.requires_python}\n"
+    staged = {
+        "pyproject.toml": (PROJECT / "pyproject.toml").read_bytes(),
+        "VERSION": f"{version}\n".encode(),
+        **{f"{PACKAGE}/{p.name}": p.read_bytes() for p in sorted(LOADER.glob("*.py"))},
+        f"{PACKAGE}/manifest.json": manifest(
+            version.split("+")[0], label, patches, inputs.pristine, inputs.patched
         ),
-        f"{dist_info}/WHEEL": (
-            "Wheel-Version: 1.0\nGenerator: vllm-moe-overlay build.sh\n"
-            "Root-Is-Purelib: true\nTag: py3-none-any\n"
-        ),
-        f"{dist_info}/entry_points.txt": ENTRY_POINT,
+        **{f"{PACKAGE}/files/{path}": data for path, data in inputs.patched.items()},
     }
-    members = {**dict(sorted(package.items())), **{k: v.encode() for k, v in meta.items()}}
-    record = f"{dist_info}/RECORD"
-    rows = io.StringIO()
-    writer = csv.writer(rows, lineterminator="\n")
-    writer.writerows([name, rewheel.record_hash(data), len(data)] for name, data in members.items())
-    writer.writerow([record, "", ""])
-    members[record] = rows.getvalue().encode()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            info = zipfile.ZipInfo(name, date_time=DATE_TIME)
-            info.external_attr = FILE_MODE
-            info.create_system = 3  # Unix, so installers honour the mode
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, data)
+    with tempfile.TemporaryDirectory(prefix="vllm-moe-overlay-plugin-") as tmp:
+        source, wheels = Path(tmp) / "plugin", Path(tmp) / "wheels"
+        for name, data in staged.items():
+            path = source / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            path.chmod(0o644)  # setuptools copies the file's mode into the wheel
+        result = subprocess.run(
+            [sys.executable, "-c", BUILD_WHEEL, str(wheels)], cwd=source, capture_output=True,
+            text=True, env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
+            umask=0o022,  # the mode of the dist-info files setuptools writes
+        )  # fmt: skip
+        if result.returncode != 0:
+            said = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+            raise OverlayError(f"setuptools could not build the plugin wheel: {said}")
+        (built,) = wheels.glob("*.whl")
+        if built.name != out.name:
+            raise OverlayError(f"setuptools named the plugin wheel {built.name}, not {out.name}")
+        requires_python = _requires_python(built, built.name)
+        if requires_python != inputs.requires_python:
+            raise OverlayError(
+                f"{PROJECT / 'pyproject.toml'} gives Requires-Python {requires_python}, "
+                f"{inputs.first} says {inputs.requires_python}: make them agree"
+            )
+        shutil.copyfile(built, out)
