@@ -35,6 +35,7 @@ from overlaytools.errors import OverlayError, run  # noqa: E402
 from wheel_requires import runtime_requirements  # noqa: E402
 
 CONSTRAINTS = TESTS / "constraints.txt"
+BUILD_REQUIREMENTS = TESTS / "build-requirements.txt"
 EXIT_NO_TESTS = 5  # pytest's status when it collected nothing
 STDERR = 2  # progress goes to the file descriptor, which pytest's capture also redirects
 
@@ -92,10 +93,31 @@ def patched_wheels() -> dict[str, Path]:
     return found
 
 
+def builder(prog: str) -> str:
+    """The Python that runs build.sh: $PYTHON if set, else a cached virtual environment
+    with BUILD_REQUIREMENTS (this Python's own setuptools may be too old)."""
+    if "PYTHON" in os.environ:
+        return os.environ["PYTHON"]
+    version = subprocess.run([sys.executable, "-VV"], capture_output=True, check=True).stdout
+    key = hashlib.sha256(version + BUILD_REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    venv = fetch.default_cache_dir() / "venvs" / f"build-{key}"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{venv}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if not (venv / ".complete").exists():
+            say(prog, f"creating the build environment {venv} ({BUILD_REQUIREMENTS.name})")
+            shutil.rmtree(venv, ignore_errors=True)
+            _run([sys.executable, "-m", "venv", str(venv)])
+            _run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                  "-r", str(BUILD_REQUIREMENTS)])  # fmt: skip
+            (venv / ".complete").touch()
+    return str(venv / "bin/python")
+
+
 def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
     """Build the wheels, prepare the test environment; its path."""
     subprocess.run([str(REPO / "build.sh"), "--flavour", "all", "--arch", "all"],
-                   stdout=STDERR, check=True, env={**os.environ, "PYTHON": build_python()})  # fmt: skip
+                   stdout=STDERR, check=True, env={**os.environ, "PYTHON": builder(prog)})  # fmt: skip
     wheels = patched_wheels()
     requirements = "\n".join(runtime_requirements(str(wheels["cpu"]))) + "\n"
     version = subprocess.run([build_python(), "-VV"], capture_output=True, check=True).stdout
@@ -162,7 +184,9 @@ def run_tests(argv: list[str], prog: str = "tests/run") -> int:
     venv = _tool(prog, lambda: prepare_env(prog=prog))
     if venv is None:
         return 1
-    env = {**os.environ, "VLLM_OVERLAY_VENV": str(venv), "VLLM_OVERLAY_CACHE": str(fetch.default_cache_dir())}
+    # The tests run build.sh too: with the Python that built the wheels.
+    env = {**os.environ, "VLLM_OVERLAY_VENV": str(venv), "VLLM_OVERLAY_CACHE": str(fetch.default_cache_dir()),
+           "PYTHON": builder(prog)}  # fmt: skip
     return _pytest(str(venv / "bin/python"), argv, env, prog)
 
 

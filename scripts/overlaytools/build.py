@@ -118,11 +118,19 @@ def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
             log(f"  wrote {name}")
             publish.checkpoint("staging")
         if staging is not None:
-            staging.publish(built)
+            staging.publish(built, _label_wheels(locked))
     if args.verify_only:
         log(f"{len(artifacts)} upstream wheel(s) verified in {time.monotonic() - started:.1f} s")
     else:
         log(f"{len(built)} wheel(s) built into {args.out_dir} in {time.monotonic() - started:.1f} s")
+
+
+def _label_wheels(locked: lock.Lock) -> set[str]:
+    """Every wheel name the lock's current label gives: the set dist/ holds."""
+    names = {plugin_wheel.filename(locked.patched_version(v, PLUGIN)) for v in locked.releases}
+    for version, artifacts in locked.releases.items():
+        names |= {rewheel.patched_filename(locked, a, version) for a in artifacts if a.is_wheel}
+    return names
 
 
 def _sha256(path: Path) -> str:

@@ -5,7 +5,7 @@ For an output directory OUT (dist/ by default), beside it in the same parent:
   .OUT.staging-XXXX/  one per running build, flock'ed by that build while it lives.
 
 A build writes its wheels into its staging directory. To publish, under the
-lock, it hard-links there every other file of OUT (the wheels it did not
+lock, it hard-links there every other file of OUT (the wheels of the current label it did not
 rebuild), writes SHA256SUMS for exactly the staged wheels, and then swaps the
 two directories with one renameat2(RENAME_EXCHANGE) call. Until that call OUT
 is the old directory, after it the new one; no instant shows a mix, so a kill
@@ -106,10 +106,12 @@ class Staging:
             shutil.rmtree(path, ignore_errors=True)
             log(f"removed {path} ({size / 1e6:.0f} MB), left by an interrupted build")
 
-    def publish(self, built: dict[str, str]) -> None:
-        """Swap in OUT's files plus the `built` wheels (name -> sha256) with their SHA256SUMS."""
+    def publish(self, built: dict[str, str], current: set[str]) -> None:
+        """Swap in OUT's files plus the `built` wheels (name -> sha256) with their SHA256SUMS.
+        OUT's other wheels stay only if `current` names them: an earlier label's do not."""
         with self._locked():
             sums = dict(built)
+            dropped = []
             for entry in sorted(os.scandir(self.out), key=lambda e: e.name) if self.out.is_dir() else []:
                 if entry.name in built or entry.name in (SUMS, ".lock"):
                     continue  # replaced, rewritten, or the lock of builds before this scheme
@@ -118,6 +120,9 @@ class Staging:
                 if not entry.is_file(follow_symlinks=False):
                     raise OverlayError(f"{entry.path} is not a regular file; the build replaces "
                                        f"{self.out} whole, so move it elsewhere")  # fmt: skip
+                if entry.name.endswith(".whl") and entry.name not in current:
+                    dropped.append(entry.name)
+                    continue
                 _link_or_copy(Path(entry.path), self.path / entry.name)
                 if entry.name.endswith(".whl"):
                     with open(entry.path, "rb") as handle:
@@ -138,6 +143,8 @@ class Staging:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             checkpoint("published")
+            if dropped:
+                log(f"dropped {len(dropped)} wheel(s) of another label from {self.out}: {', '.join(dropped)}")
             if self.path is not None:  # the old set
                 shutil.rmtree(self.path, ignore_errors=True)
                 self.path = None
