@@ -2,8 +2,8 @@
 
 tests/run [pytest args] builds the wheels (build.sh), prepares the cached test
 environment and runs pytest on tests/ in it. `tests/run --fast [pytest args]`:
-only the tests marked fast, with this Python's pytest, no build and no test
-environment. tests/test-env [--cuda] prepares the environment and prints its path
+only the tests marked fast, in the tools environment (tools-requirements.txt:
+pytest, ruff, setuptools, packaging), with no build and no test environment. tests/test-env [--cuda] prepares the environment and prints its path
 (progress goes to stderr); --cuda adds the CUDA wheel's own requirements (for a
 host with an NVIDIA GPU).
 
@@ -35,14 +35,9 @@ from overlaytools.errors import OverlayError, run  # noqa: E402
 from wheel_requires import runtime_requirements  # noqa: E402
 
 CONSTRAINTS = TESTS / "constraints.txt"
-BUILD_REQUIREMENTS = TESTS / "build-requirements.txt"
+TOOLS_REQUIREMENTS = TESTS / "tools-requirements.txt"
 EXIT_NO_TESTS = 5  # pytest's status when it collected nothing
 STDERR = 2  # progress goes to the file descriptor, which pytest's capture also redirects
-
-
-def build_python() -> str:
-    """The Python that builds, makes the environment and runs the fast lane: $PYTHON, else this one."""
-    return os.environ.get("PYTHON", sys.executable)
 
 
 def say(prog: str, message: str) -> None:
@@ -93,23 +88,24 @@ def patched_wheels() -> dict[str, Path]:
     return found
 
 
-def builder(prog: str) -> str:
-    """The Python that runs build.sh: $PYTHON if set, else a cached virtual environment
-    with BUILD_REQUIREMENTS (this Python's own setuptools may be too old)."""
+def tools_python(prog: str) -> str:
+    """The Python that runs build.sh and the fast lane: $PYTHON if set, else a cached
+    virtual environment with TOOLS_REQUIREMENTS (this Python's own setuptools may be too
+    old, and it may have no pytest)."""
     if "PYTHON" in os.environ:
         return os.environ["PYTHON"]
     version = subprocess.run([sys.executable, "-VV"], capture_output=True, check=True).stdout
-    key = hashlib.sha256(version + BUILD_REQUIREMENTS.read_bytes()).hexdigest()[:16]
-    venv = fetch.default_cache_dir() / "venvs" / f"build-{key}"
+    key = hashlib.sha256(version + TOOLS_REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    venv = fetch.default_cache_dir() / "venvs" / f"tools-{key}"
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{venv}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         if not (venv / ".complete").exists():
-            say(prog, f"creating the build environment {venv} ({BUILD_REQUIREMENTS.name})")
+            say(prog, f"creating the tools environment {venv} ({TOOLS_REQUIREMENTS.name})")
             shutil.rmtree(venv, ignore_errors=True)
             _run([sys.executable, "-m", "venv", str(venv)])
             _run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                  "-r", str(BUILD_REQUIREMENTS)])  # fmt: skip
+                  "-r", str(TOOLS_REQUIREMENTS)])  # fmt: skip
             (venv / ".complete").touch()
     return str(venv / "bin/python")
 
@@ -117,10 +113,10 @@ def builder(prog: str) -> str:
 def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
     """Build the wheels, prepare the test environment; its path."""
     subprocess.run([str(REPO / "build.sh"), "--flavour", "all", "--arch", "all"],
-                   stdout=STDERR, check=True, env={**os.environ, "PYTHON": builder(prog)})  # fmt: skip
+                   stdout=STDERR, check=True, env={**os.environ, "PYTHON": tools_python(prog)})  # fmt: skip
     wheels = patched_wheels()
     requirements = "\n".join(runtime_requirements(str(wheels["cpu"]))) + "\n"
-    version = subprocess.run([build_python(), "-VV"], capture_output=True, check=True).stdout
+    version = subprocess.run([sys.executable, "-VV"], capture_output=True, check=True).stdout
     key = hashlib.sha256(version + CONSTRAINTS.read_bytes() + requirements.encode()).hexdigest()[:16]
     venvs = fetch.default_cache_dir() / "venvs"
     venvs.mkdir(parents=True, exist_ok=True)
@@ -133,7 +129,7 @@ def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
             say(prog, f"creating the test environment {venv} (torch 2.10.0 and vLLM's "
                       "requirements; a few minutes)")  # fmt: skip
             shutil.rmtree(venv, ignore_errors=True)
-            _run([build_python(), "-m", "venv", str(venv)])
+            _run([sys.executable, "-m", "venv", str(venv)])
             _run([*constrained, "-q", "pip"])
             _run([*constrained, "torch==2.10.0", "torchvision==0.25.0"])
             (venv / "runtime-requirements.txt").write_text(requirements)
@@ -172,21 +168,24 @@ def _pytest(python: str, args: list[str], env: dict[str, str], prog: str) -> int
 def run_tests(argv: list[str], prog: str = "tests/run") -> int:
     """The test command; its exit status is pytest's."""
     if argv[:1] == ["--fast"]:
-        if subprocess.run([build_python(), "-c", "import pytest"], capture_output=True).returncode:
-            say(prog, f"error: the fast lane needs pytest for {build_python()}")
+        python = _tool(prog, lambda: tools_python(prog))
+        if python is None:
+            return 1
+        if subprocess.run([python, "-c", "import pytest"], capture_output=True).returncode:
+            say(prog, f"error: the fast lane needs pytest for {python}")
             return 1
         # An empty artifact cache and no package index: a fast test that needs
         # either fails instead of fetching.
         with tempfile.TemporaryDirectory(prefix="fast-lane-") as scratch:
             env = {k: v for k, v in os.environ.items() if k != "VLLM_OVERLAY_VENV"}
             env.update(VLLM_OVERLAY_CACHE=scratch, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
-            return _pytest(build_python(), ["-p", "no:cacheprovider", "-m", "fast", *argv[1:]], env, prog)
+            return _pytest(python, ["-p", "no:cacheprovider", "-m", "fast", *argv[1:]], env, prog)
     venv = _tool(prog, lambda: prepare_env(prog=prog))
     if venv is None:
         return 1
     # The tests run build.sh too: with the Python that built the wheels.
     env = {**os.environ, "VLLM_OVERLAY_VENV": str(venv), "VLLM_OVERLAY_CACHE": str(fetch.default_cache_dir()),
-           "PYTHON": builder(prog)}  # fmt: skip
+           "PYTHON": tools_python(prog)}  # fmt: skip
     return _pytest(str(venv / "bin/python"), argv, env, prog)
 
 

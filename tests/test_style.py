@@ -1,0 +1,20 @@
+"""The repository's Python is formatted and linted as ruff.toml says (overlay/ is
+upstream's code and keeps upstream's style)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("command", [["format", "--check"], ["check"]], ids=["format", "lint"])
+def test_ruff(command):
+    result = subprocess.run([sys.executable, "-m", "ruff", *command, "."], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
