@@ -17,6 +17,7 @@ import torch
 
 import moe_layers
 from moe_layers import KERNEL_CASES, VARIANTS_ENV, KernelCase
+from series_helpers import fixes_of
 
 # The plugin test runs these modules again under pristine vLLM + the plugin,
 # handing over the kernel probes of its own run (the CPU and kernels are the same).
@@ -27,6 +28,11 @@ PROBES_ENV = "VLLM_OVERLAY_KERNEL_PROBES"
 class Variant:
     name: str  # pristine, patched or plugin: see moe_layers.load_variant
     expect_bug: bool
+    fixes: frozenset[str]  # the names of the patches it has (series_helpers.fixes_of)
+
+    def lacks(self, patch: Path) -> bool:
+        """Whether this variant must show the bug that `patch` fixes."""
+        return patch.name not in self.fixes
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class Kernel:
 
 def _variants() -> list[Variant]:
     names = os.environ.get(VARIANTS_ENV, "pristine,patched").split(",")
-    return [Variant(name, expect_bug=name == "pristine") for name in names]
+    return [Variant(name, name == "pristine", frozenset(fixes_of(name))) for name in names]
 
 
 def fixed_variant() -> str:

@@ -199,11 +199,17 @@ def load_with_plugin(name: str) -> ModuleType:
     The plugins were loaded when this module was imported, as vLLM's own processes
     load them: before any fused-MoE module.
     """
+    import vllm_moe_overlay as plugin
+
     package = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
     upstream_file = package / "model_executor" / "models" / f"{name}.py"
     if upstream_file.read_bytes() != pristine_source(name):
         raise AssertionError(f"{upstream_file} is not pristine 0.19.1: not a plugin test")
-    return load_patched(name)
+    module = importlib.import_module(f"{MODELS_PACKAGE}.{name}")
+    served = plugin.FILES / "vllm" / "model_executor" / "models" / f"{name}.py"
+    if Path(module.__file__) != served:
+        raise AssertionError(f"{module.__file__} is not the plugin's {served}: the plugin is not active")
+    return module
 
 
 def load_variant(variant: str, name: str, workdir: Path) -> ModuleType:

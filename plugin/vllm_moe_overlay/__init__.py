@@ -1,11 +1,13 @@
 """The MoE overlay as a vLLM general plugin (entry point `vllm_moe_overlay`).
 
 vLLM calls register() in every process it starts, before any model code is
-imported. If every target file of the installed vLLM is byte-identical to the
-pinned release's pristine file (or, for a module the patches add, absent),
-register() puts an import hook on sys.meta_path that serves those modules from
-the overlay files packaged here (verbatim copies of overlay/). Otherwise it
-changes nothing and logs why.
+imported. The plugin carries only the patches whose every file is a model file
+(vLLM imports those after the plugins); the manifest lists the others as not
+carried, with the reason. If every file it serves is byte-identical in the
+installed vLLM to the pinned release's pristine file (or, for a module the
+patches add, absent), register() puts an import hook on sys.meta_path that
+serves those modules from the files packaged here (pristine + the carried
+patches). Otherwise it changes nothing and logs why.
 
 Standard library only: loading the plugin imports neither torch nor vLLM.
 """
@@ -52,7 +54,8 @@ class Target:
     module: str
     path: str  # relative to the directory holding the vllm package, e.g. vllm/model_executor/...
     pristine_sha256: str | None  # None: the release has no such file (the patches add it)
-    patched_sha256: str
+    served_sha256: str  # the packaged file's: pristine + the carried patches
+    patched_sha256: str  # as the patched wheels have it: pristine + the whole series
     found_sha256: str | None  # the installed file's, or None: there is none
 
     @property
@@ -102,8 +105,8 @@ def plan() -> Plan:
     info = manifest()
     root = installed_root()
     targets = [
-        Target(m["module"], m["path"], m["pristine_sha256"], m["patched_sha256"],
-               _sha256(root / m["path"]) if root else None)
+        Target(m["module"], m["path"], m["pristine_sha256"], m["served_sha256"],
+               m["patched_sha256"], _sha256(root / m["path"]) if root else None)
         for m in info["modules"]
     ]  # fmt: skip
     tag = f"vllm-moe-overlay {info['label']}"
@@ -123,10 +126,15 @@ def plan() -> Plan:
             f"{tag}: refused, nothing applied: {', '.join(imported)} was imported before "
             "the plugin ran; serving the patched file now would leave two versions of it "
             "in this process"))])  # fmt: skip
-    subjects = "; ".join(p["subject"] for p in info["patches"])
+    subjects = "; ".join(p["subject"] for p in info["carried"])
     return Plan("apply", targets, [(logging.INFO, (
         f"{tag}: applied to vLLM {info['vllm_version']}: {subjects} "
-        f"(serving {names} from {FILES})"))])  # fmt: skip
+        f"(serving {names} from {FILES}){not_carried(info)}"))])  # fmt: skip
+
+
+def not_carried(info: dict) -> str:
+    """'; not carried: <subject> (<reason>)' per patch the plugin lacks, or ''."""
+    return "".join(f"; not carried: {p['subject']} ({p['reason']})" for p in info["not_carried"])
 
 
 class OverlayFinder:
@@ -183,9 +191,10 @@ def _register() -> None:
         return
     decided = plan()
     if decided.action == "apply":
-        missing = [str(t.packaged) for t in decided.targets if not t.packaged.is_file()]
-        if missing:
-            raise FileNotFoundError(f"the plugin's copy {missing[0]} is missing")
+        damaged = [t.packaged for t in decided.targets if _sha256(t.packaged) != t.served_sha256]
+        if damaged:
+            raise ManifestError(f"the plugin's file {damaged[0]} is missing or not the one "
+                                "its manifest records")  # fmt: skip
         ((_, announcement),) = decided.records
         finder = OverlayFinder(decided.targets, announcement)
         finder.announce()

@@ -1,9 +1,10 @@
 """`python -m vllm_moe_overlay`: is the plugin active in this environment, and why (not).
 
 Runs vLLM's own plugin loader, as every vLLM process does, then asks the
-import system which file each target module would come from. Exit status 0
-when vLLM gets the fixed modules (from this plugin, or because the installed
-vLLM already carries them), 1 otherwise.
+import system which file each module the plugin serves would come from. Exit
+status 0 when vLLM gets them fixed (from this plugin, or because the installed
+vLLM already carries the patches), 1 otherwise. The patches the plugin does not
+carry are named in the first lines and again in the result.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import NAME, ManifestError, describe, installed_root, manifest, plan
+from . import NAME, ManifestError, describe, installed_root, manifest, not_carried, plan
 
 GROUP = "vllm.general_plugins"
 
@@ -21,20 +22,22 @@ GROUP = "vllm.general_plugins"
 def main() -> int:
     """Never a traceback: any failure is one line and result NOT fixed (exit 1)."""
     try:
-        fixed = check()
+        result = check()
     except Exception as exc:  # noqa: BLE001
         cause = str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__}: {exc}"
         print(f"error: {cause}")
-        fixed = False
-    print("result: " + ("fixed" if fixed else "NOT fixed"))
-    return 0 if fixed else 1
+        result = ""
+    print("result: " + (result or "NOT fixed"))
+    return 0 if result else 1
 
 
-def check() -> bool:
-    """Whether vLLM gets every fixed module; prints why (not)."""
+def check() -> str:
+    """What vLLM gets ('' if not every module the plugin serves is fixed); prints why."""
     info = manifest()
-    print(f"vllm-moe-overlay {info['label']} for vLLM {info['vllm_version']}: "
-          + "; ".join(p["subject"] for p in info["patches"]))  # fmt: skip
+    print(f"vllm-moe-overlay {info['label']} for vLLM {info['vllm_version']}: carries "
+          + "; ".join(p["subject"] for p in info["carried"]))  # fmt: skip
+    for patch in info["not_carried"]:
+        print(f"not carried: {patch['subject']} ({patch['reason']})")
     decided = plan()  # the installed files, read before vLLM's loader acts on them
 
     found = [ep for ep in entry_points(group=GROUP) if ep.name == NAME]
@@ -43,7 +46,7 @@ def check() -> bool:
 
     if importlib.util.find_spec("vllm") is None:
         print(f"vLLM: NOT installed for {sys.executable}")
-        return False
+        return ""
     import vllm.envs
     from vllm.plugins import load_general_plugins
 
@@ -71,7 +74,11 @@ def check() -> bool:
                 status += (f" ({describe(target.found_sha256)}, plugin expects "
                            f"{describe(target.pristine_sha256)})")  # fmt: skip
         print(f"{target.module}: {status}")
-    return fixed
+    if not fixed:
+        return ""
+    if decided.action == "patched" or not info["not_carried"]:
+        return "fixed"
+    return "fixed (the patches the plugin carries)" + not_carried(info)
 
 
 if __name__ == "__main__":

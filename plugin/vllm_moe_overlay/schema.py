@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 import re
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def manifest(vllm_version: str, label: str, patches: list[dict], modules: list[dict]) -> dict:
+def manifest(vllm_version: str, label: str, carried: list[dict], not_carried: list[dict],
+             modules: list[dict]) -> dict:  # fmt: skip
     """The manifest of this schema version; ValueError if it would not pass problem().
 
-    patches: {"name", "subject"} per patch, in series order.
-    modules: {"module", "path", "pristine_sha256", "patched_sha256"} per served file;
-    pristine_sha256 None for a module the patches add (the release has no such file)."""
+    carried: {"name", "subject"} per patch the plugin carries, in series order.
+    not_carried: {"name", "subject", "reason"} per patch of the series it cannot carry.
+    modules: {"module", "path", "pristine_sha256", "served_sha256", "patched_sha256"} per
+    served file: the release's file (None for a module the patches add), the plugin's own
+    (pristine + the carried patches) and the patched wheels' (pristine + the whole series)."""
     info = {"schema": SCHEMA_VERSION, "vllm_version": vllm_version, "label": label,
-            "patches": patches, "modules": modules}  # fmt: skip
+            "carried": carried, "not_carried": not_carried, "modules": modules}  # fmt: skip
     found = problem(info)
     if found:
         raise ValueError(found)
@@ -45,21 +48,27 @@ def problem(info) -> str | None:
 
     if not strings(info, ("vllm_version", "label")):
         return "vllm_version and label must be non-empty strings"
-    if not isinstance(info.get("patches"), list) or not info["patches"]:
-        return "patches must be a non-empty list"
-    if not all(strings(p, ("name", "subject")) for p in info["patches"]):
-        return "each patch needs a name and a subject"
+    if not isinstance(info.get("carried"), list) or not info["carried"]:
+        return "carried must be a non-empty list"
+    if not all(strings(p, ("name", "subject")) for p in info["carried"]):
+        return "each carried patch needs a name and a subject"
+    if not isinstance(info.get("not_carried"), list):
+        return "not_carried must be a list"
+    if not all(strings(p, ("name", "subject", "reason")) for p in info["not_carried"]):
+        return "each patch not carried needs a name, a subject and a reason"
     if not isinstance(info.get("modules"), list) or not info["modules"]:
         return "modules must be a non-empty list"
     for m in info["modules"]:
-        if not strings(m, ("module", "path", "patched_sha256")) or not (
+        if not strings(m, ("module", "path", "served_sha256", "patched_sha256")) or not (
             "pristine_sha256" in m and (m["pristine_sha256"] is None or isinstance(m["pristine_sha256"], str))
         ):
-            return "each module needs module, path and patched_sha256 strings and a pristine_sha256 string or null"
+            return ("each module needs module, path, served_sha256 and patched_sha256 strings "
+                    "and a pristine_sha256 string or null")  # fmt: skip
         parts = m["path"].split("/")
         if (parts[0] != "vllm" or not m["path"].endswith(".py") or ".." in parts
                 or m["module"] != m["path"][: -len(".py")].replace("/", ".")):  # fmt: skip
             return f"module {m['module']!r} does not match its path {m['path']!r}"
-        if not all(_SHA256.fullmatch(h) for h in (m["patched_sha256"], m["pristine_sha256"]) if h is not None):
+        hashes = (m["served_sha256"], m["patched_sha256"], m["pristine_sha256"])
+        if not all(_SHA256.fullmatch(h) for h in hashes if h is not None):
             return f"{m['module']}: a sha256 is not 64 lower-case hex digits"
     return None

@@ -7,7 +7,8 @@ Each GPU test process runs one variant, named by VARIANT_ENV, with that variant'
 vLLM first on PYTHONPATH (tests/run-gpu-tests sets both):
   patched   the patched CUDA wheel
   pristine  upstream vLLM 0.19.1: both bugs must show
-  plugin    upstream vLLM 0.19.1 with the plugin wheel: fixed through vLLM's plugin loader
+  plugin    upstream vLLM 0.19.1 with the plugin wheel: fixed through vLLM's plugin loader,
+            but for the patches the plugin does not carry (has_fix)
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ def variant() -> str:
 
 
 def expects_bugs() -> bool:
-    """Pristine 0.19.1 must show every bug; patched and plugin must not."""
+    """Pristine 0.19.1 must show every bug; patched and plugin must not, but for the
+    patches the plugin does not carry (has_fix)."""
     return variant() == "pristine"
+
+
+def has_fix(patch: Path) -> bool:
+    """Whether this process's variant has the fix of `patch` (the plugin: a patch its
+    manifest lists as carried; see series_helpers.fixes_of)."""
+    from series_helpers import fixes_of
+
+    return patch.name in fixes_of(variant())
 
 
 def out_dir() -> Path | None:

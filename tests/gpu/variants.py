@@ -37,31 +37,31 @@ def check(variant: str) -> dict:
     package = Path(vllm.__file__).parent
     found = {"variant": variant, "vllm": vllm.__version__, "vllm_path": str(package),
              "modules": {}}  # fmt: skip
-    plugin_files = None
+    served = {}  # the plugin's: module -> its own file (pristine + the patches it carries)
     if variant == "plugin":
         import vllm_moe_overlay as plugin
 
         # On disk the install is pristine 0.19.1, as the plugin's manifest records it ...
-        states = {t.module: t.state for t in plugin.plan().targets}
+        targets = plugin.plan().targets
+        states = {t.module: t.state for t in targets}
         assert set(states.values()) == {"pristine"}, f"installed files are not pristine: {states}"
         # ... and vLLM's plugin loader (run in conftest.pytest_configure) put the hook first.
         assert plugin.active_finder() is not None, "the plugin's import hook is not active"
-        plugin_files = plugin.FILES
+        served = {t.module: t.packaged for t in targets}
     expected_version = pins.pin if variant != "patched" else pins.patched_version(pins.pin, "cuda")
     assert vllm.__version__ == expected_version, f"{variant}: vLLM {vllm.__version__}"
     for module, overlay_file in overlay_modules().items():
         origin = loaded_from(module)
         patched = origin.read_bytes() == overlay_file.read_bytes()
         found["modules"][module] = str(origin)
-        if variant == "pristine":
-            assert not patched, f"pristine: {origin} is the patched file"
-            assert origin.is_relative_to(package), origin
-        elif variant == "patched":
+        if variant == "patched":
             assert patched, f"patched: {origin} is not {overlay_file.relative_to(REPO)}"
             assert origin.is_relative_to(package), origin
-        else:
-            assert patched and origin.is_relative_to(plugin_files), (
-                f"plugin: {module} is loaded from {origin}, not from the plugin's overlay copy")
+        elif module in served:
+            assert origin == served[module], f"plugin: {module} is loaded from {origin}, not {served[module]}"
+        else:  # pristine, or a module of a patch the plugin does not carry
+            assert not patched, f"{variant}: {origin} is the patched file"
+            assert origin.is_relative_to(package), origin
     return found
 
 
