@@ -40,14 +40,18 @@ def run_build(*args: str, repo: Path = REPO, env: dict | None = None, **kwargs):
     """build.sh from `repo` with extra arguments; output captured as text."""
     return subprocess.run(
         [str(repo / "build.sh"), *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, **kwargs,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
 
 
 def run_script(repo: Path, script: str, *args: str, timeout: float = 600):
     """scripts/<script> from `repo` with arguments; output captured as text."""
-    return subprocess.run([str(repo / "scripts" / script), *args], capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [str(repo / "scripts" / script), *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def copy_repo(dest: Path) -> Path:

@@ -48,8 +48,9 @@ def _experts_flops(op: str, topk_ids, w13, w2) -> int:
     return 2 * torch.Size(topk_ids).numel() * (w13_each + w2_each)
 
 
-def _cpu_fused_moe_flops(output, x, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids,
-                         *flags, out_shape=None) -> int:  # fmt: skip
+def _cpu_fused_moe_flops(
+    output, x, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, *flags, out_shape=None
+) -> int:
     return _experts_flops("_C::cpu_fused_moe", topk_ids, w13, w2)
 
 
@@ -57,8 +58,7 @@ def _fused_experts_cpu_flops(x, w13, w2, topk_weights, topk_ids, *flags, out_sha
     return _experts_flops("_C::fused_experts_cpu", topk_ids, w13, w2)
 
 
-def _cpu_fused_moe_torch_flops(layer_id, output, x, topk_weights, topk_ids, *flags,
-                               out_shape=None) -> int:  # fmt: skip
+def _cpu_fused_moe_torch_flops(layer_id, output, x, topk_weights, topk_ids, *flags, out_shape=None) -> int:
     # The op takes no weights: it looks its layer up by id, and so do we.
     from vllm.model_executor.layers.fused_moe import cpu_fused_moe
 
@@ -146,8 +146,10 @@ def count_flops(layer: torch.nn.Module, fn: Callable[[], object]) -> Flops:
     """GEMM FLOPs of one call of fn, a forward of layer."""
     formulas = cpu_flop_formulas()
     known = {packet._qualified_op_name for packet in formulas}
-    with FlopCounterMode(display=False, custom_mapping=formulas) as counter, \
-            _CustomOpCalls(layer, known) as custom:  # fmt: skip
+    with (
+        FlopCounterMode(display=False, custom_mapping=formulas) as counter,
+        _CustomOpCalls(layer, known) as custom,
+    ):
         fn()
     if custom.opaque:
         named = "; ".join(f"{name} ({why})" for name, why in sorted(custom.opaque.items()))

@@ -3,7 +3,8 @@
 tests/run [pytest args] builds the wheels (build.sh), prepares the cached test
 environment and runs pytest on tests/ in it. `tests/run --fast [pytest args]`:
 only the tests marked fast, in the tools environment (tools-requirements.txt:
-pytest, ruff, setuptools, packaging), with no build and no test environment. tests/test-env [--cuda] prepares the environment and prints its path
+pytest, ruff, setuptools, packaging), with no build and no test environment.
+tests/test-env [--cuda] prepares the environment and prints its path
 (progress goes to stderr); --cuda adds the CUDA wheel's own requirements (for a
 host with an NVIDIA GPU).
 
@@ -66,8 +67,21 @@ def pip_install_target(python: str, wheel: Path, target: Path, digest: str) -> P
         if not stamp.is_file() or stamp.read_text() != digest:
             staging = Path(f"{target}.tmp")
             shutil.rmtree(staging, ignore_errors=True)
-            _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                  "--disable-pip-version-check", "--target", str(staging), str(wheel)])  # fmt: skip
+            _run(
+                [
+                    python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-deps",
+                    "--no-index",
+                    "--disable-pip-version-check",
+                    "--target",
+                    str(staging),
+                    str(wheel),
+                ]
+            )
             (staging / ".sha256").write_text(digest)
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
@@ -104,16 +118,30 @@ def tools_python(prog: str) -> str:
             say(prog, f"creating the tools environment {venv} ({TOOLS_REQUIREMENTS.name})")
             shutil.rmtree(venv, ignore_errors=True)
             _run([sys.executable, "-m", "venv", str(venv)])
-            _run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                  "-r", str(TOOLS_REQUIREMENTS)])  # fmt: skip
+            _run(
+                [
+                    str(venv / "bin/python"),
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "-r",
+                    str(TOOLS_REQUIREMENTS),
+                ]
+            )
             (venv / ".complete").touch()
     return str(venv / "bin/python")
 
 
 def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
     """Build the wheels, prepare the test environment; its path."""
-    subprocess.run([str(REPO / "build.sh"), "--flavour", "all", "--arch", "all"],
-                   stdout=STDERR, check=True, env={**os.environ, "PYTHON": tools_python(prog)})  # fmt: skip
+    subprocess.run(
+        [str(REPO / "build.sh"), "--flavour", "all", "--arch", "all"],
+        stdout=STDERR,
+        check=True,
+        env={**os.environ, "PYTHON": tools_python(prog)},
+    )
     wheels = patched_wheels()
     requirements = "\n".join(runtime_requirements(str(wheels["cpu"]))) + "\n"
     version = subprocess.run([sys.executable, "-VV"], capture_output=True, check=True).stdout
@@ -126,15 +154,24 @@ def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
     with open(f"{venv}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         if not (venv / ".complete").exists():
-            say(prog, f"creating the test environment {venv} (torch 2.10.0 and vLLM's "
-                      "requirements; a few minutes)")  # fmt: skip
+            say(
+                prog,
+                f"creating the test environment {venv} (torch 2.10.0 and vLLM's requirements; a few minutes)",
+            )
             shutil.rmtree(venv, ignore_errors=True)
             _run([sys.executable, "-m", "venv", str(venv)])
             _run([*constrained, "-q", "pip"])
             _run([*constrained, "torch==2.10.0", "torchvision==0.25.0"])
             (venv / "runtime-requirements.txt").write_text(requirements)
-            _run([*constrained, "-r", str(venv / "runtime-requirements.txt"),
-                  "-r", str(TESTS / "requirements.txt")])  # fmt: skip
+            _run(
+                [
+                    *constrained,
+                    "-r",
+                    str(venv / "runtime-requirements.txt"),
+                    "-r",
+                    str(TESTS / "requirements.txt"),
+                ]
+            )
             (venv / ".complete").touch()
         else:
             say(prog, f"reusing the test environment {venv}")
@@ -142,15 +179,22 @@ def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
             listing = venv / "cuda-requirements.txt"
             listing.write_text("\n".join(runtime_requirements(str(wheels["cuda"]))) + "\n")
             say(prog, "the CUDA wheel's requirements")
-            once(venv / ".cuda-requirements", sha256_file(listing),
-                 lambda: _run([*constrained, "-r", str(listing)]))  # fmt: skip
+            once(
+                venv / ".cuda-requirements",
+                sha256_file(listing),
+                lambda: _run([*constrained, "-r", str(listing)]),
+            )
         # The patched wheels themselves: installed again only when they changed.
         say(prog, "the patched wheels")
-        once(venv / ".cpu-wheel", sha256_file(wheels["cpu"]),
-             lambda: _run([*pip, "install", "-q", "--no-deps", "--force-reinstall", str(wheels["cpu"])]))  # fmt: skip
+        once(
+            venv / ".cpu-wheel",
+            sha256_file(wheels["cpu"]),
+            lambda: _run([*pip, "install", "-q", "--no-deps", "--force-reinstall", str(wheels["cpu"])]),
+        )
         # The CUDA-flavour wheel goes beside the environment: tests put it first on PYTHONPATH.
-        pip_install_target(str(venv / "bin/python"), wheels["cuda"], venv / "cuda-flavour",
-                           sha256_file(wheels["cuda"]))  # fmt: skip
+        pip_install_target(
+            str(venv / "bin/python"), wheels["cuda"], venv / "cuda-flavour", sha256_file(wheels["cuda"])
+        )
     return venv
 
 
@@ -184,8 +228,12 @@ def run_tests(argv: list[str], prog: str = "tests/run") -> int:
     if venv is None:
         return 1
     # The tests run build.sh too: with the Python that built the wheels.
-    env = {**os.environ, "VLLM_OVERLAY_VENV": str(venv), "VLLM_OVERLAY_CACHE": str(fetch.default_cache_dir()),
-           "PYTHON": tools_python(prog)}  # fmt: skip
+    env = {
+        **os.environ,
+        "VLLM_OVERLAY_VENV": str(venv),
+        "VLLM_OVERLAY_CACHE": str(fetch.default_cache_dir()),
+        "PYTHON": tools_python(prog),
+    }
     return _pytest(str(venv / "bin/python"), argv, env, prog)
 
 
@@ -208,8 +256,9 @@ def _tool(prog: str, action: Callable[[], Path]) -> Path | None:
         try:
             result.append(action())
         except subprocess.CalledProcessError as exc:
-            raise OverlayError(f"{Path(exc.cmd[0]).name} failed (exit {exc.returncode}); its "
-                               "output is above") from None  # fmt: skip
+            raise OverlayError(
+                f"{Path(exc.cmd[0]).name} failed (exit {exc.returncode}); its output is above"
+            ) from None
 
     status = run(prog, act, lambda: "the test environment is rebuilt or completed on the next run")
     return result[0] if status == 0 else None

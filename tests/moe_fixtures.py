@@ -12,10 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import moe_layers
 import pytest
 import torch
-
-import moe_layers
 from moe_layers import KERNEL_CASES, VARIANTS_ENV, KernelCase
 from series_helpers import fixes_of
 
@@ -89,8 +88,11 @@ def kernel_probes() -> dict[str, moe_layers.Probe]:
     """Every kernel case, tried in fresh processes when a test first needs one."""
     if not _probes:
         handed = os.environ.get(PROBES_ENV)
-        _probes.update({name: moe_layers.Probe(**fields) for name, fields in json.loads(handed).items()}
-                       if handed else moe_layers.probe(KERNEL_CASES))  # fmt: skip
+        _probes.update(
+            {name: moe_layers.Probe(**fields) for name, fields in json.loads(handed).items()}
+            if handed
+            else moe_layers.probe(KERNEL_CASES)
+        )
     return _probes
 
 

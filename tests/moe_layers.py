@@ -89,14 +89,16 @@ KERNEL_CASES = {
     # 2 * 40 is no multiple of 32, so check_grouped_gemm declines on every CPU.
     "torch-fp32": KernelCase("torch", torch.float32, 40),
     "grouped-amx-bf16": KernelCase("grouped(amx)", torch.bfloat16, MOE_INTERMEDIATE),
-    "sgl-bf16": KernelCase("sgl", torch.bfloat16, MOE_INTERMEDIATE,
-                           (("VLLM_CPU_SGL_KERNEL", "1"),)),
+    "sgl-bf16": KernelCase("sgl", torch.bfloat16, MOE_INTERMEDIATE, (("VLLM_CPU_SGL_KERNEL", "1"),)),
     "torch-bf16": KernelCase("torch", torch.bfloat16, 40),
-}  # fmt: skip
+}
 
 # The GEMM op that runs the routed experts on each path.
-PATH_OPS = {"grouped": "_C::cpu_fused_moe", "sgl": "_C::fused_experts_cpu",
-            "torch": "vllm::cpu_fused_moe_torch"}  # fmt: skip
+PATH_OPS = {
+    "grouped": "_C::cpu_fused_moe",
+    "sgl": "_C::fused_experts_cpu",
+    "torch": "vllm::cpu_fused_moe_torch",
+}
 
 # Paths the MoE tests ran in this process ("torch(linear) bfloat16", ...).
 exercised: set[str] = set()
@@ -121,9 +123,11 @@ def path_op(selected: str) -> str:
 
 def cpu_isa() -> str:
     """The ISA facts vLLM's CPU backend selects on, as torch reports them."""
-    flags = {"avx512": torch.cpu._is_avx512_supported(),
-             "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
-             "amx": torch.cpu._is_amx_tile_supported()}  # fmt: skip
+    flags = {
+        "avx512": torch.cpu._is_avx512_supported(),
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+        "amx": torch.cpu._is_amx_tile_supported(),
+    }
     have = ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in flags.items())
     return f"{torch.backends.cpu.get_cpu_capability().lower()} ({have})"
 
@@ -145,9 +149,12 @@ def probe(cases: dict[str, KernelCase]) -> dict[str, Probe]:
     for name, case in cases.items():
         args = [case.path, str(case.dtype).removeprefix("torch."), str(case.moe_intermediate)]
         running[name] = subprocess.Popen(
-            [sys.executable, __file__, *args], env={**os.environ, **dict(case.env), "PYTHONPATH": path},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [sys.executable, __file__, *args],
+            env={**os.environ, **dict(case.env), "PYTHONPATH": path},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     probes = {}
     for name, process in running.items():
         out, err = process.communicate(timeout=600)
@@ -213,8 +220,11 @@ def load_with_plugin(name: str) -> ModuleType:
 
 
 def load_variant(variant: str, name: str, workdir: Path) -> ModuleType:
-    loaders = {"pristine": lambda: load_pristine(name, workdir),
-               "patched": lambda: load_patched(name), "plugin": lambda: load_with_plugin(name)}  # fmt: skip
+    loaders = {
+        "pristine": lambda: load_pristine(name, workdir),
+        "patched": lambda: load_patched(name),
+        "plugin": lambda: load_with_plugin(name),
+    }
     return loaders[variant]()
 
 
@@ -261,26 +271,49 @@ def vllm_config(hf_config, workdir: Path, dtype: torch.dtype) -> VllmConfig:
 def gemma4_config(top_k: int = TOP_K, **shape):
     from transformers import Gemma4TextConfig
 
-    shape = {"hidden_size": HIDDEN, "num_experts": NUM_EXPERTS,
-             "moe_intermediate_size": MOE_INTERMEDIATE, **shape}  # fmt: skip
+    shape = {
+        "hidden_size": HIDDEN,
+        "num_experts": NUM_EXPERTS,
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        **shape,
+    }
     return Gemma4TextConfig(
-        **shape, top_k_experts=top_k, enable_moe_block=True, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, intermediate_size=256,
-        vocab_size=256, architectures=["Gemma4ForCausalLM"],
-    )  # fmt: skip
+        **shape,
+        top_k_experts=top_k,
+        enable_moe_block=True,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        intermediate_size=256,
+        vocab_size=256,
+        architectures=["Gemma4ForCausalLM"],
+    )
 
 
 def qwen3_config(shared_intermediate: int, **shape):
     """Qwen3-MoE with an optional shared expert (shared_expert_intermediate_size)."""
     from transformers import Qwen3MoeConfig
 
-    shape = {"hidden_size": HIDDEN, "num_experts": NUM_EXPERTS,
-             "moe_intermediate_size": MOE_INTERMEDIATE, "num_experts_per_tok": TOP_K, **shape}  # fmt: skip
+    shape = {
+        "hidden_size": HIDDEN,
+        "num_experts": NUM_EXPERTS,
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "num_experts_per_tok": TOP_K,
+        **shape,
+    }
     return Qwen3MoeConfig(
-        **shape, shared_expert_intermediate_size=shared_intermediate, norm_topk_prob=True,
-        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-        intermediate_size=256, vocab_size=256, architectures=["Qwen3MoeForCausalLM"],
-    )  # fmt: skip
+        **shape,
+        shared_expert_intermediate_size=shared_intermediate,
+        norm_topk_prob=True,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        intermediate_size=256,
+        vocab_size=256,
+        architectures=["Qwen3MoeForCausalLM"],
+    )
 
 
 # --- building layers ------------------------------------------------------
@@ -290,9 +323,7 @@ def _prefix() -> str:
     return f"model.layers.{next(_layer_ids)}.mlp"
 
 
-def build_gemma4_moe(
-    module: ModuleType, config: VllmConfig, hf_config, seed: int = 0
-) -> torch.nn.Module:
+def build_gemma4_moe(module: ModuleType, config: VllmConfig, hf_config, seed: int = 0) -> torch.nn.Module:
     """module.Gemma4MoE on the real FusedMoE, with seeded weights processed as the
     engine does (which picks the CPU kernel path), in the config's dtype."""
     from vllm.config import set_current_vllm_config

@@ -68,8 +68,7 @@ def plugin_log(log: Path) -> tuple[dict[str, int], set[int], dict[int, set[str]]
     (logged at DEBUG)."""
     text = log.read_text(errors="replace")
     names = {name: int(pid) for name, pid in re.findall(r"^\((\w+) pid=(\d+)\)", text, re.M)}
-    applied = {int(pid) for pid in re.findall(
-        rf"{re.escape(APPLIED)}.*\[pid (\d+)\]$", text, re.M)}  # fmt: skip
+    applied = {int(pid) for pid in re.findall(rf"{re.escape(APPLIED)}.*\[pid (\d+)\]$", text, re.M)}
     served: dict[int, set[str]] = {}
     for module, pid in re.findall(r"serving (\S+) from \S+ \[pid (\d+)\]$", text, re.M):
         served.setdefault(int(pid), set()).add(module)

@@ -40,24 +40,29 @@ def gemma4_routing(logits: torch.Tensor, top_k: int, scale: torch.Tensor) -> tor
     return softmax_top_k(logits, top_k) * scale.detach().double().to(logits.device)
 
 
-def routed_experts(x: torch.Tensor, routing: torch.Tensor, w13: torch.Tensor,
-                   w2: torch.Tensor, activation: str) -> torch.Tensor:  # fmt: skip
+def routed_experts(
+    x: torch.Tensor, routing: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str
+) -> torch.Tensor:
     """Every expert on every token, down(act(gate) * up), weighted by routing."""
     hidden = gated(torch.einsum("th,eoh->teo", x.double(), w13.double()), activation)
     experts = torch.einsum("tei,ehi->teh", hidden, w2.double())
     return torch.einsum("te,teh->th", routing.double(), experts)
 
 
-def gemma4_moe(x: torch.Tensor, logits: torch.Tensor, weights: dict[str, torch.Tensor],
-               top_k: int, scale: torch.Tensor, activation: str) -> torch.Tensor:  # fmt: skip
+def gemma4_moe(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    top_k: int,
+    scale: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
     """Gemma4MoE's output for router logits given from outside (Gemma4Router)."""
     routing = gemma4_routing(logits, top_k, scale)
-    return routed_experts(x, routing, weights["experts.w13_weight"], weights["experts.w2_weight"],
-                          activation)  # fmt: skip
+    return routed_experts(x, routing, weights["experts.w13_weight"], weights["experts.w2_weight"], activation)
 
 
-def qwen3_block(x: torch.Tensor, weights: dict[str, torch.Tensor], top_k: int,
-                shared: bool) -> torch.Tensor:  # fmt: skip
+def qwen3_block(x: torch.Tensor, weights: dict[str, torch.Tensor], top_k: int, shared: bool) -> torch.Tensor:
     """Qwen3MoeSparseMoeBlock, dense over all experts. Routed: softmax over the gate
     logits, top-k, renormalised, each expert down(silu(gate) * up). Shared: the same
     MLP, times sigmoid(shared_expert_gate)."""

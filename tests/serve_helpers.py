@@ -27,8 +27,7 @@ SERVER_ENV = {
     "VLLM_HOST_IP": HOST,  # torch.distributed rendezvous on loopback too
 }
 # Small and fast to start: no torch.compile, a short context, few sequences.
-SERVE_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4",
-               "--enforce-eager"]  # fmt: skip
+SERVE_FLAGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager"]
 STARTUP_TIMEOUT = 300.0
 SHUTDOWN_GRACE = 60.0
 
@@ -72,8 +71,7 @@ def free_port() -> int:
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # Not this test run's own variables: the server imports only what is installed.
-    env = {k: v for k, v in os.environ.items()
-           if k != "PYTHONPATH" and not k.startswith("VLLM_OVERLAY_")}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("VLLM_OVERLAY_")}
     return {**env, **SERVER_ENV, **(extra or {})}
 
 
@@ -84,9 +82,12 @@ def start_server(command: list[str], log: Path, env: dict[str, str]) -> Server:
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [*command, "--host", HOST, "--port", str(port)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
-        )  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     return Server(process, f"http://{HOST}:{port}", log)
 
 
@@ -106,9 +107,7 @@ def wait_until_healthy(server: Server, timeout: float = STARTUP_TIMEOUT) -> None
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if server.process.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {server.process.returncode}:\n{server.log_tail()}"
-            )
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
             if requests.get(server.url + "/health", timeout=5).status_code == 200:
                 server.startup_seconds = time.monotonic() - started
@@ -162,15 +161,20 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def greedy_completion(
-    server: Server, model: str, prompt, max_tokens: int, top_k: int
-) -> Completion:
+def greedy_completion(server: Server, model: str, prompt, max_tokens: int, top_k: int) -> Completion:
     """Greedy tokens of /v1/completions with the top_k logprobs at each step."""
-    response = server.post("/v1/completions", {
-        "model": model, "prompt": prompt, "max_tokens": max_tokens,
-        "temperature": 0.0, "ignore_eos": True, "logprobs": top_k,
-        "return_tokens_as_token_ids": True,
-    })  # fmt: skip
+    response = server.post(
+        "/v1/completions",
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "logprobs": top_k,
+            "return_tokens_as_token_ids": True,
+        },
+    )
     response.raise_for_status()
     return parse_logprobs(response.json()["choices"][0]["logprobs"])
 

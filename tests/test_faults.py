@@ -71,8 +71,10 @@ def stopped_build(out: Path, stage: str, *args: str) -> subprocess.Popen:
     """A build that stopped itself at `stage`."""
     proc = subprocess.Popen(
         [str(REPO / "build.sh"), *(args or PLUGIN_ONLY), "--out-dir", str(out)],
-        env={**os.environ, "VLLM_OVERLAY_STOP_AT": stage}, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env={**os.environ, "VLLM_OVERLAY_STOP_AT": stage},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status), f"the build ended before {stage}: {proc.stderr.read()}"
     return proc
@@ -137,9 +139,9 @@ def test_sigkill_while_a_wheel_is_written(tmp_path):
     out = tmp_path / "out"
     old = old_set(out)
     proc = subprocess.Popen(
-        [str(REPO / "build.sh"), "--offline", "--flavour", "cpu", "--arch", "aarch64",
-         "--out-dir", str(out)], stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [str(REPO / "build.sh"), "--offline", "--flavour", "cpu", "--arch", "aarch64", "--out-dir", str(out)],
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not [p for d in staging_dirs(out) for p in d.glob("*.whl") if p.stat().st_size > 0]:
         assert proc.poll() is None and time.monotonic() < deadline
@@ -176,11 +178,14 @@ def test_a_running_builds_staging_dir_is_left_alone(tmp_path):
 def small_tmpfs(path: Path):
     """A 1 MiB tmpfs at `path`; skips where mounting is not allowed."""
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'}); a "
-                    "file-size limit would not stand in for a full disk under git and pip")  # fmt: skip
+        pytest.skip(
+            f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'}); a "
+            "file-size limit would not stand in for a full disk under git and pip"
+        )
     try:
         yield path
     finally:
@@ -244,8 +249,11 @@ def test_cache_that_is_not_usable(tmp_path, case):
     """Promise: bad input gets one line naming the cause; nothing of it is deleted."""
     cache = tmp_path / "cache"
     (artifact,) = LOCK.wheels(LOCK.pin, ["cpu"], ["aarch64"])
-    bad = {"cache dir is a file": cache, "artifacts is a file": cache / "artifacts",
-           "wheel is a dir": cache / "artifacts" / artifact.filename}[case]  # fmt: skip
+    bad = {
+        "cache dir is a file": cache,
+        "artifacts is a file": cache / "artifacts",
+        "wheel is a dir": cache / "artifacts" / artifact.filename,
+    }[case]
     bad.parent.mkdir(parents=True, exist_ok=True)
     bad.mkdir() if case == "wheel is a dir" else bad.write_text("x")
     result = run_build(*VERIFY_CPU, "--cache-dir", str(cache))
@@ -286,11 +294,13 @@ LOCK_CASES = {
     "label an int": (lambda raw: raw.update(label=1), "label must be a JSON string"),
     "sha256 null": (lambda raw: cpu_arm_entry(raw).update(sha256=None), ".sha256 must be a JSON string"),
     "sha256 short": (lambda raw: cpu_arm_entry(raw).update(sha256="ab" * 8), "is not 64 hex digits"),
-    "filename with ../": (lambda raw: cpu_arm_entry(raw).update(filename="../outside.whl"),
-                          "is not a plain file name"),
+    "filename with ../": (
+        lambda raw: cpu_arm_entry(raw).update(filename="../outside.whl"),
+        "is not a plain file name",
+    ),
     "size a string": (lambda raw: cpu_arm_entry(raw).update(size="1"), ".size must be a JSON integer"),
     "missing key": (lambda raw: cpu_arm_entry(raw).pop("project"), "lacks project"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", LOCK_CASES)
@@ -310,7 +320,9 @@ def test_bad_lock_is_refused_before_any_file_is_touched(tmp_path, case):
 def test_upper_case_sha256_is_the_same_hash(tmp_path):
     """Promise: sha256 compares equal in any case; the good cached wheel is used and kept."""
     cache = linked_cache(tmp_path)
-    lock = edited_lock(tmp_path, lambda raw: cpu_arm_entry(raw).update(sha256=cpu_arm_entry(raw)["sha256"].upper()))
+    lock = edited_lock(
+        tmp_path, lambda raw: cpu_arm_entry(raw).update(sha256=cpu_arm_entry(raw)["sha256"].upper())
+    )
     result = run_build(*VERIFY_CPU, "--cache-dir", str(cache), "--lock", str(lock))
     assert result.returncode == 0, result.stderr
     assert len(list((cache / "artifacts").glob("*.whl"))) == 1
@@ -344,31 +356,68 @@ def git_section(header: str, body: str) -> str:
     return f"---\n\n{header}\n{body}\n-- \n2.43.0\n"
 
 
-MESSAGE = "From 0 Mon Sep 17 00:00:00 2001\nFrom: a <a@b.c>\nDate: Sun, 22 Nov 2026 00:00:00 +0000\nSubject: [PATCH] x\n\nOrigin: test\n"
+MESSAGE = (
+    "From 0 Mon Sep 17 00:00:00 2001\nFrom: a <a@b.c>\nDate: Sun, 22 Nov 2026 00:00:00 +0000\n"
+    "Subject: [PATCH] x\n\nOrigin: test\n"
+)
 NEW_MODEL = "vllm/model_executor/models/new_model.py"
 SERIES_CASES = {
     "empty series": (None, "lists no patch"),
-    "plain diff": (f"{MESSAGE}---\n--- /dev/null\n+++ b/{NEW_MODEL}\n@@ -0,0 +1 @@\n+x = 1\n",
-                   "has no 'diff --git' header; the patch is not in git's format"),
-    "absolute path": (MESSAGE + git_section(
-        f"diff --git a/{NEW_MODEL} b/{NEW_MODEL}\nnew file mode 100644\n--- /dev/null\n+++ /tmp/x.py",
-        "@@ -0,0 +1 @@\n+x = 1"), f"does not name b/{NEW_MODEL}"),
-    "outside vllm/": (MESSAGE + git_section(
-        "diff --git a/setup.py b/setup.py\nnew file mode 100644\n--- /dev/null\n+++ b/setup.py",
-        "@@ -0,0 +1 @@\n+x = 1"), "setup.py is not a file under vllm/"),
-    "_version.py": (MESSAGE + git_section(
-        "diff --git a/vllm/_version.py b/vllm/_version.py\n--- a/vllm/_version.py\n+++ b/vllm/_version.py",
-        "@@ -1 +1 @@\n-a\n+b"), "vllm/_version.py is written by the build"),
-    "deletes a target": (MESSAGE + git_section(
-        f"diff --git a/{QWEN3} b/{QWEN3}\ndeleted file mode 100644\n--- a/{QWEN3}\n+++ /dev/null",
-        f"@@ -1 +0,0 @@\n-{first_lines(QWEN3, 1)[0]}"), f"deletes {QWEN3}"),
-    "renames a target": (MESSAGE + git_section(
-        f"diff --git a/{QWEN3} b/{NEW_MODEL}\nsimilarity index 100%\nrename from {QWEN3}\nrename to {NEW_MODEL}",
-        ""), f"renames {QWEN3} to {NEW_MODEL}"),
-    "changes nothing": (MESSAGE + git_section(
-        f"diff --git a/{QWEN3} b/{QWEN3}\n--- a/{QWEN3}\n+++ b/{QWEN3}",
-        "@@ -1,3 +1,3 @@\n {0}\n-{1}\n+{1}\n {2}".format(*first_lines(QWEN3, 3))), "changes no file of the wheel"),
-}  # fmt: skip
+    "plain diff": (
+        f"{MESSAGE}---\n--- /dev/null\n+++ b/{NEW_MODEL}\n@@ -0,0 +1 @@\n+x = 1\n",
+        "has no 'diff --git' header; the patch is not in git's format",
+    ),
+    "absolute path": (
+        MESSAGE
+        + git_section(
+            f"diff --git a/{NEW_MODEL} b/{NEW_MODEL}\nnew file mode 100644\n--- /dev/null\n+++ /tmp/x.py",
+            "@@ -0,0 +1 @@\n+x = 1",
+        ),
+        f"does not name b/{NEW_MODEL}",
+    ),
+    "outside vllm/": (
+        MESSAGE
+        + git_section(
+            "diff --git a/setup.py b/setup.py\nnew file mode 100644\n--- /dev/null\n+++ b/setup.py",
+            "@@ -0,0 +1 @@\n+x = 1",
+        ),
+        "setup.py is not a file under vllm/",
+    ),
+    "_version.py": (
+        MESSAGE
+        + git_section(
+            "diff --git a/vllm/_version.py b/vllm/_version.py\n"
+            "--- a/vllm/_version.py\n+++ b/vllm/_version.py",
+            "@@ -1 +1 @@\n-a\n+b",
+        ),
+        "vllm/_version.py is written by the build",
+    ),
+    "deletes a target": (
+        MESSAGE
+        + git_section(
+            f"diff --git a/{QWEN3} b/{QWEN3}\ndeleted file mode 100644\n--- a/{QWEN3}\n+++ /dev/null",
+            f"@@ -1 +0,0 @@\n-{first_lines(QWEN3, 1)[0]}",
+        ),
+        f"deletes {QWEN3}",
+    ),
+    "renames a target": (
+        MESSAGE
+        + git_section(
+            f"diff --git a/{QWEN3} b/{NEW_MODEL}\nsimilarity index 100%\n"
+            f"rename from {QWEN3}\nrename to {NEW_MODEL}",
+            "",
+        ),
+        f"renames {QWEN3} to {NEW_MODEL}",
+    ),
+    "changes nothing": (
+        MESSAGE
+        + git_section(
+            f"diff --git a/{QWEN3} b/{QWEN3}\n--- a/{QWEN3}\n+++ b/{QWEN3}",
+            "@@ -1,3 +1,3 @@\n {0}\n-{1}\n+{1}\n {2}".format(*first_lines(QWEN3, 3)),
+        ),
+        "changes no file of the wheel",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", [*SERIES_CASES, "not UTF-8"])
@@ -390,8 +439,7 @@ def test_bad_series_is_refused_in_one_line(tmp_path, case):
         (repo / "patches" / "0003-bad.patch").write_text(text)
         series.write_text(series.read_text() + "0003-bad.patch\n")
     out = tmp_path / "out"
-    result = run_build("--offline", "--flavour", "cpu", "--arch", "aarch64", "--out-dir", str(out),
-                       repo=repo)  # fmt: skip
+    result = run_build("--offline", "--flavour", "cpu", "--arch", "aarch64", "--out-dir", str(out), repo=repo)
     assert expected in one_error(result)
     assert not out.exists()
 
@@ -434,9 +482,13 @@ MANIFEST_CASES = {
     "empty module list": lambda text: json.dumps({**json.loads(text), "modules": []}),
     "bad sha256": lambda text: text.replace('"pristine_sha256": "', '"pristine_sha256": "X', 1),
     # what a later builder might write, or an earlier one that carried no version
-    "other schema version": lambda text: json.dumps({**json.loads(text), "schema": json.loads(text)["schema"] + 1}),
-    "no schema version": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "schema"}),
-}  # fmt: skip
+    "other schema version": lambda text: json.dumps(
+        {**json.loads(text), "schema": json.loads(text)["schema"] + 1}
+    ),
+    "no schema version": lambda text: json.dumps(
+        {k: v for k, v in json.loads(text).items() if k != "schema"}
+    ),
+}
 LOAD = """
 import importlib.util
 from vllm.plugins import load_general_plugins
@@ -454,10 +506,12 @@ def test_corrupted_manifest_never_takes_vllm_down(tmp_path, case):
     shutil.copytree(installed_plugin(), plugin)
     manifest = plugin / "vllm_moe_overlay" / "manifest.json"
     manifest.write_text(MANIFEST_CASES[case](manifest.read_text()))
-    env = {**os.environ, "PYTHONPATH": f"{pristine_vllm()}{os.pathsep}{plugin}",
-           "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
-    loaded = subprocess.run([str(VENV / "bin/python"), "-c", LOAD], env=env,
-                            capture_output=True, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{pristine_vllm()}{os.pathsep}{plugin}",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    loaded = subprocess.run([str(VENV / "bin/python"), "-c", LOAD], env=env, capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
     output = loaded.stdout + loaded.stderr
     errors = [ln for ln in output.splitlines() if "vllm-moe-overlay: not applied" in ln]
@@ -466,8 +520,9 @@ def test_corrupted_manifest_never_takes_vllm_down(tmp_path, case):
     origin = next(ln for ln in loaded.stdout.splitlines() if ln.startswith("ORIGIN "))
     assert origin == f"ORIGIN {pristine_vllm() / QWEN3}"
 
-    check = subprocess.run([str(VENV / "bin/python"), "-m", "vllm_moe_overlay"], env=env,
-                           capture_output=True, text=True)  # fmt: skip
+    check = subprocess.run(
+        [str(VENV / "bin/python"), "-m", "vllm_moe_overlay"], env=env, capture_output=True, text=True
+    )
     assert check.returncode == 1 and "Traceback" not in check.stdout + check.stderr
     assert check.stdout.splitlines()[-1] == "result: NOT fixed"
 
@@ -479,10 +534,12 @@ def test_altered_plugin_file_is_refused(tmp_path):
     shutil.copytree(installed_plugin(), plugin)
     altered = plugin / "vllm_moe_overlay" / "files" / QWEN3
     altered.write_bytes(altered.read_bytes() + b"\n# altered\n")
-    env = {**os.environ, "PYTHONPATH": f"{pristine_vllm()}{os.pathsep}{plugin}",
-           "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
-    loaded = subprocess.run([str(VENV / "bin/python"), "-c", LOAD], env=env,
-                            capture_output=True, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{pristine_vllm()}{os.pathsep}{plugin}",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    loaded = subprocess.run([str(VENV / "bin/python"), "-c", LOAD], env=env, capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
     output = loaded.stdout + loaded.stderr
     errors = [ln for ln in output.splitlines() if "vllm-moe-overlay: not applied" in ln]
@@ -496,8 +553,9 @@ def test_check_command_without_vllm(tmp_path):
     vLLM does not get the fixed modules, here because no vLLM is installed."""
     env = {**os.environ, "PYTHONPATH": str(installed_plugin())}
     # -S: without the site-packages of the test environment, so no vLLM at all
-    check = subprocess.run([str(VENV / "bin/python"), "-S", "-m", "vllm_moe_overlay"], env=env,
-                           capture_output=True, text=True)  # fmt: skip
+    check = subprocess.run(
+        [str(VENV / "bin/python"), "-S", "-m", "vllm_moe_overlay"], env=env, capture_output=True, text=True
+    )
     assert check.returncode == 1 and "Traceback" not in check.stdout + check.stderr
     assert "vLLM: NOT installed" in check.stdout
     assert check.stdout.splitlines()[-1] == "result: NOT fixed"

@@ -105,8 +105,10 @@ def test_forward_on_the_cpu_backend(gemma4):
     moe, config, _, _ = gemma4
     activation = moe.experts.activation
     if activation not in cpu_fused_moe._CPU_MOE_ACT_FN:
-        pytest.skip(f"vLLM 0.19.1's CPU MoE backend cannot run {activation} (GELU or tanh "
-                    f"GELU): it runs only {sorted(a.value for a in cpu_fused_moe._CPU_MOE_ACT_FN)}")  # fmt: skip
+        pytest.skip(
+            f"vLLM 0.19.1's CPU MoE backend cannot run {activation} (GELU or tanh "
+            f"GELU): it runs only {sorted(a.value for a in cpu_fused_moe._CPU_MOE_ACT_FN)}"
+        )
     hidden = torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(0))
     logits = torch.randn(4, NUM_EXPERTS, generator=torch.Generator().manual_seed(1))
     dtype = config.model_config.dtype

@@ -29,8 +29,7 @@ pytest_plugins = ["moe_fixtures"]
 # bfloat16's softmax and scale (8 significant bits; measured: at most 0.003
 # absolute, 0.8 % relative). The two scales a bug test tells apart differ by
 # over 30 %.
-TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-6},
-             torch.bfloat16: {"rtol": 2e-2, "atol": 2e-3}}  # fmt: skip
+TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-3}}
 
 
 @dataclass
@@ -133,8 +132,7 @@ def test_replaced_parameter_reaches_routing(gemma4):
     moe = build(gemma4)
     old_values = moe.per_expert_scale.detach().clone()
     # what a loader or a quantization step does: a new Parameter object
-    moe.per_expert_scale = torch.nn.Parameter(other_scale(seed=3, dtype=gemma4.dtype),
-                                              requires_grad=False)  # fmt: skip
+    moe.per_expert_scale = torch.nn.Parameter(other_scale(seed=3, dtype=gemma4.dtype), requires_grad=False)
     hidden, logits = random_inputs(tokens=16, seed=4, dtype=gemma4.dtype)
 
     used = old_values if gemma4.expect_bug else moe.per_expert_scale

@@ -68,8 +68,11 @@ def test_hand_edited_patch_fails_both_guards(tmp_path):
 # ---- upstream-status: the detectors on known code ----------------------------------------
 
 
-DETECTED = [(patch, rel, detector) for patch in PATCHES
-            for rel, detector in detect.for_origin(patching.origin(patch.read_text()))]  # fmt: skip
+DETECTED = [
+    (patch, rel, detector)
+    for patch in PATCHES
+    for rel, detector in detect.for_origin(patching.origin(patch.read_text()))
+]
 
 
 @pytest.mark.parametrize("patch, rel, detector", DETECTED, ids=[p.name[:4] for p, _, _ in DETECTED])
@@ -90,12 +93,12 @@ def parse_status(stdout: str) -> dict[str, dict]:
     releases, current = {}, None
     for line in stdout.splitlines():
         if line.startswith("vLLM "):
-            version, _, rest = line[len("vLLM "):].partition(" ")
+            version, _, rest = line[len("vLLM ") :].partition(" ")
             current = releases[version] = {"wheel": rest, "verdicts": {}, "summary": ""}
         elif match := LINE.match(line):
             current["verdicts"][match[1]] = (match[2], match[3])
         elif line.startswith("  => "):
-            current["summary"] = line[len("  => "):]
+            current["summary"] = line[len("  => ") :]
     return releases
 
 
@@ -133,7 +136,9 @@ def test_each_fix_is_found_from_the_release_its_provenance_names(real_releases, 
             assert state == "fixed", (version, reason)
         else:
             assert state == "applies" or (state == "conflicts" and reason.endswith("forward-port it")), (
-                version, reason)  # fmt: skip
+                version,
+                reason,
+            )
     index = [r["wheel"] for v, r in real_releases.items() if v != LOCK.pin]
     assert index and all("sha256 checked against the index" in w for w in index)
 
@@ -160,7 +165,9 @@ def test_patch_that_no_longer_applies_needs_a_forward_port(tmp_path):
     """A context line of the patch's first hunk differs from the release: that hunk is named."""
     repo = copy_repo(tmp_path / "repo")
     patch = repo / "patches" / LAST.name
-    hunk = re.search(r"^(@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@.*)\n((?:[-+].*\n)*) (.*)$", patch.read_text(), re.M)
+    hunk = re.search(
+        r"^(@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@.*)\n((?:[-+].*\n)*) (.*)$", patch.read_text(), re.M
+    )
     header, context = hunk.group(1), hunk.group(3)
     text = patch.read_text()
     patch.write_text(text[: hunk.start(3)] + context + "  # not in the release" + text[hunk.end(3) :])
@@ -170,15 +177,20 @@ def test_patch_that_no_longer_applies_needs_a_forward_port(tmp_path):
     state, reason = release["verdicts"].pop(LAST.name)
     assert state == "conflicts"
     assert f"hunk '{header}'" in reason
-    assert reason.endswith("forward-port it" if detect.for_origin(patching.origin(text)) else "review by hand")
+    assert reason.endswith(
+        "forward-port it" if detect.for_origin(patching.origin(text)) else "review by hand"
+    )
     assert {s for s, _ in release["verdicts"].values()} <= {"applies"}
     assert release["summary"] == f"the overlay needs a forward-port before it can patch {LOCK.pin}"
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("0.19.x", "'0.19.x' is not a version"),
-    pytest.param("99.0.0", "no x86_64 wheel of vllm==99.0.0 on the index", marks=pytest.mark.network),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("0.19.x", "'0.19.x' is not a version"),
+        pytest.param("99.0.0", "no x86_64 wheel of vllm==99.0.0 on the index", marks=pytest.mark.network),
+    ],
+)
 def test_status_rejects_bad_versions(arg, message):
     result = run(REPO, "upstream-status", "--arch", "x86_64", arg)
     assert result.returncode == 1

@@ -15,16 +15,22 @@ from moe_fixtures import PROBES_ENV, VARIANTS_ENV, probes_json
 from plugin_helpers import pristine_plugin_env
 from serve_helpers import VENV
 
-BUG_TESTS = ["tests/test_gemma4_routing.py", "tests/test_gemma4_activation.py",
-             "tests/test_qwen3_moe_block.py"]
+BUG_TESTS = [
+    "tests/test_gemma4_routing.py",
+    "tests/test_gemma4_activation.py",
+    "tests/test_qwen3_moe_block.py",
+]
 
 
 def test_bug_tests_on_pristine_vllm_with_the_plugin():
     result = subprocess.run(
         [str(VENV / "bin/python"), "-m", "pytest", "-v", "-p", "no:cacheprovider", *BUG_TESTS],
-        cwd=REPO, env={**pristine_plugin_env(), VARIANTS_ENV: "plugin", PROBES_ENV: probes_json()},
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+        cwd=REPO,
+        env={**pristine_plugin_env(), VARIANTS_ENV: "plugin", PROBES_ENV: probes_json()},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     report = result.stdout
     assert result.returncode == 0, report[-6000:]
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|errors?)\b", report)}

@@ -19,9 +19,11 @@ VENV = Path(os.environ.get("VLLM_OVERLAY_VENV", sys.prefix))
 CPU, CUDA = (LOCK.wheels(LOCK.pin, [f], ["x86_64"])[0] for f in ("cpu", "cuda"))
 GIT_ENV = {
     **os.environ,
-    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@invalid",
-    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@invalid",
-}  # fmt: skip
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@invalid",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@invalid",
+}
 
 
 def overlay(member: str) -> bytes:
@@ -68,8 +70,9 @@ def test_git_am_onto_a_git_tree_of_the_release(tmp_path):
 
 def test_series_lists_every_patch_file_once():
     assert sorted(p.name for p in (REPO / "patches").glob("*.patch")) == sorted(p.name for p in PATCHES)
-    assert sorted(p.relative_to(REPO / "overlay").as_posix()
-                  for p in (REPO / "overlay").rglob("*") if p.is_file()) == sorted(FILES)  # fmt: skip
+    assert sorted(
+        p.relative_to(REPO / "overlay").as_posix() for p in (REPO / "overlay").rglob("*") if p.is_file()
+    ) == sorted(FILES)
 
 
 def test_number_prefixes_follow_the_series_order():
@@ -92,8 +95,11 @@ def test_patch_carries_its_provenance(patch):
 def _run_in_venv(code: str, *args: str, **env: str) -> str:
     result = subprocess.run(
         [str(VENV / "bin" / "python"), "-c", code, *args],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -139,8 +145,11 @@ def test_cuda_console_script_runs_vllms_cli():
     script = VENV / "cuda-flavour" / "bin" / "vllm"
     assert "from vllm.entrypoints.cli.main import main" in script.read_text()
     result = subprocess.run(
-        [str(script), "--version"], capture_output=True, text=True, timeout=300,
+        [str(script), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(VENV / "cuda-flavour")},
-    )  # fmt: skip
+    )
     assert str(VENV / "cuda-flavour" / "vllm" / "entrypoints" / "cli" / "main.py") in result.stderr
     assert "RuntimeError: Failed to infer device type" in result.stderr

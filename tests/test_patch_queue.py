@@ -23,25 +23,33 @@ DEEPSEEK_FILE = "vllm/model_executor/models/deepseek_v2.py"
 ONE_WHEEL = ["--offline", "--flavour", "cpu", "--arch", sources.host_arch()]
 GIT_ENV = {
     **os.environ,
-    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_AUTHOR_NAME": "A Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@invalid",
-    "GIT_COMMITTER_NAME": "A Maintainer", "GIT_COMMITTER_EMAIL": "maintainer@invalid",
-}  # fmt: skip
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "A Maintainer",
+    "GIT_AUTHOR_EMAIL": "maintainer@invalid",
+    "GIT_COMMITTER_NAME": "A Maintainer",
+    "GIT_COMMITTER_EMAIL": "maintainer@invalid",
+}
 
 
-def git(queue: Path, *args: str, input: str | None = None, check: bool = True,
-        **env: str) -> subprocess.CompletedProcess:  # fmt: skip
-    result = subprocess.run(["git", *args], cwd=queue, env={**GIT_ENV, **env}, input=input,
-                            capture_output=True, text=True)  # fmt: skip
+def git(
+    queue: Path, *args: str, input: str | None = None, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["git", *args], cwd=queue, env={**GIT_ENV, **env}, input=input, capture_output=True, text=True
+    )
     assert not check or result.returncode == 0, result.stderr
     return result
 
 
 def state(repo: Path) -> dict[str, bytes]:
     """Every file of patches/ and overlay/, by path."""
-    return {p.relative_to(repo).as_posix(): p.read_bytes()
-            for top in ("patches", "overlay") for p in sorted((repo / top).rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(repo).as_posix(): p.read_bytes()
+        for top in ("patches", "overlay")
+        for p in sorted((repo / top).rglob("*"))
+        if p.is_file()
+    }
 
 
 @functools.cache
@@ -61,10 +69,13 @@ def upstream_style_patch(changes: dict[str, tuple[str, str]]) -> str:
         before = pristine(rel)
         after = before.decode().replace(old, new, 1).encode()
         assert after != before
-        hunks = difflib.unified_diff(before.decode().splitlines(keepends=True),
-                                     after.decode().splitlines(keepends=True), n=3)  # fmt: skip
-        diffs.append(f"diff --git a/{rel} b/{rel}\nindex {blob_id(before)[:7]}..{blob_id(after)[:7]} "
-                     f"100644\n--- a/{rel}\n+++ b/{rel}\n" + "".join(list(hunks)[2:]))  # fmt: skip
+        hunks = difflib.unified_diff(
+            before.decode().splitlines(keepends=True), after.decode().splitlines(keepends=True), n=3
+        )
+        diffs.append(
+            f"diff --git a/{rel} b/{rel}\nindex {blob_id(before)[:7]}..{blob_id(after)[:7]} "
+            f"100644\n--- a/{rel}\n+++ b/{rel}\n" + "".join(list(hunks)[2:])
+        )
     return (
         "From 1111111111111111111111111111111111111111 Mon Sep 17 00:00:00 2001\n"
         "From: Upstream Contributor <contributor@invalid>\n"
@@ -114,8 +125,9 @@ def test_import_is_the_release_then_one_commit_per_patch(imported):
     assert blob == blob_id(pristine(DEEPSEEK_FILE))
     log = git(queue, "log", "--reverse", "--format=%an <%ae>|%aD|%s", "upstream..HEAD").stdout
     messages = [gitrepo.read_message(p) for p in PATCHES]
-    assert log.splitlines() == [f"{m.author} <{m.email}>|{m.date}|{m.text.partition(chr(10))[0]}"
-                                for m in messages]  # fmt: skip
+    assert log.splitlines() == [
+        f"{m.author} <{m.email}>|{m.date}|{m.text.partition(chr(10))[0]}" for m in messages
+    ]
     for rel in patching.touched_files(patching.series(imported / "patches")):
         assert git(queue, "show", f"HEAD:{rel}").stdout.encode() == (imported / "overlay" / rel).read_bytes()
 
@@ -137,13 +149,17 @@ def test_round_trip_changes_nothing(repo, tmp_path):
 
 THIRD = {
     # Context overlaps the lines patch 0002 changes: only a 3-way merge applies it.
-    QWEN3_FILE: ("        final_hidden_states = (\n",
-                 "        final_hidden_states = (\n            # shared experts first\n"),
+    QWEN3_FILE: (
+        "        final_hidden_states = (\n",
+        "        final_hidden_states = (\n            # shared experts first\n",
+    ),
     # A file no patch touched before.
-    DEEPSEEK_FILE: ("        shared_output, final_hidden_states = fused_moe_out\n",
-                    "        # (shared, routed), as SharedFusedMoE returns them\n"
-                    "        shared_output, final_hidden_states = fused_moe_out\n"),
-}  # fmt: skip
+    DEEPSEEK_FILE: (
+        "        shared_output, final_hidden_states = fused_moe_out\n",
+        "        # (shared, routed), as SharedFusedMoE returns them\n"
+        "        shared_output, final_hidden_states = fused_moe_out\n",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -245,12 +261,12 @@ def rework(repo: Path, todo: str, tmp_path: Path) -> tuple[dict, subprocess.Comp
     todo_file = tmp_path / "todo"
     rest = "".join(f"pick {commit}\n" for commit in others)
     todo_file.write_text(todo.format(first=first, second=second, rest=rest))
-    git(queue, "rebase", "-q", "-i", "upstream", GIT_SEQUENCE_EDITOR=f"cp {todo_file}",
-        GIT_EDITOR="true")  # fmt: skip
+    git(queue, "rebase", "-q", "-i", "upstream", GIT_SEQUENCE_EDITOR=f"cp {todo_file}", GIT_EDITOR="true")
     result = export(repo)
     assert result.returncode == 0, result.stderr
-    overlays = [{k: v for k, v in files.items() if k.startswith("overlay/")}
-                for files in (before, state(repo))]  # fmt: skip
+    overlays = [
+        {k: v for k, v in files.items() if k.startswith("overlay/")} for files in (before, state(repo))
+    ]
     assert overlays[0] == overlays[1]
     assert run_build("--verify-only", *ONE_WHEEL, repo=repo).returncode == 0
     return before, result
@@ -262,7 +278,8 @@ def test_reorder_exports_the_reordered_series(repo, tmp_path):
     first, second, *rest = NAMES
     renamed = {second: first[:4] + second[4:], first: second[:4] + first[4:], **{n: n for n in rest}}
     assert patching.series_names((repo / "patches" / "series").read_text()) == [
-        renamed[n] for n in (second, first, *rest)]  # fmt: skip
+        renamed[n] for n in (second, first, *rest)
+    ]
     for old, new in renamed.items():  # -N patches carry no number: the bytes stay
         assert after[f"patches/{new}"] == before[f"patches/{old}"]
     assert f"patches/{first}" not in after and f"patches/{second}" not in after
@@ -325,10 +342,15 @@ def test_import_refuses_to_overwrite_a_queue(repo):
 STRAY = "overlay/" + DEEPSEEK_FILE
 
 
-@pytest.mark.parametrize("command", [
-    ["build.sh", *ONE_WHEEL], ["build.sh", "--verify-only", *ONE_WHEEL],
-    ["patch-queue", "check", "--offline"],
-], ids=["build", "verify-only", "check"])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["build.sh", *ONE_WHEEL],
+        ["build.sh", "--verify-only", *ONE_WHEEL],
+        ["patch-queue", "check", "--offline"],
+    ],
+    ids=["build", "verify-only", "check"],
+)
 def test_overlay_file_no_patch_touches_is_refused(command, tmp_path):
     repo = copy_repo(tmp_path / "repo")
     (repo / STRAY).write_bytes(pristine(DEEPSEEK_FILE).replace(b"shared_output", b"shared_out"))

@@ -26,14 +26,27 @@ from pathlib import Path, PurePosixPath
 import packaging
 import pytest
 from build_helpers import (
-    DIST, LOCK, REPO, assert_record_complete, copy_repo, dist_info, run_build, upstream_path,
-)  # fmt: skip
+    DIST,
+    LOCK,
+    REPO,
+    assert_record_complete,
+    copy_repo,
+    dist_info,
+    run_build,
+    upstream_path,
+)
 from overlaytools.plugin_wheel import SERVABLE
 from packaging.utils import parse_wheel_filename
 from plugin_helpers import (
-    APPLIED, PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_WHEEL, installed_plugin, pristine_artifact,
-    pristine_plugin_env, pristine_vllm,
-)  # fmt: skip
+    APPLIED,
+    PLUGIN_NAME,
+    PLUGIN_VERSION,
+    PLUGIN_WHEEL,
+    installed_plugin,
+    pristine_artifact,
+    pristine_plugin_env,
+    pristine_vllm,
+)
 from series_helpers import ADDED, CARRIED, NOT_CARRIED, PATCHES, SERVED, SERVED_MODULES, files_of, module_name
 from series_helpers import MODULES as TARGETS
 from serve_helpers import VENV
@@ -66,8 +79,12 @@ def git_apply(files: dict[str, bytes], patches: list[Path], root: Path) -> dict[
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     for patch in patches:
-        subprocess.run(["git", "apply", "-p1", str(patch)], cwd=root, check=True,
-                       env={**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)})  # fmt: skip
+        subprocess.run(
+            ["git", "apply", "-p1", str(patch)],
+            cwd=root,
+            check=True,
+            env={**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)},
+        )
     return {rel: (root / rel).read_bytes() for rel in SERVED}
 
 
@@ -109,8 +126,7 @@ def test_entry_point_is_a_general_plugin(wheel):
 
 
 def test_content_is_the_loader_pristine_plus_the_carried_patches_and_a_manifest(wheel, served):
-    package = {n[len(PACKAGE) + 1 :]: wheel.read(n) for n in wheel.namelist()
-               if n.startswith(f"{PACKAGE}/")}  # fmt: skip
+    package = {n[len(PACKAGE) + 1 :]: wheel.read(n) for n in wheel.namelist() if n.startswith(f"{PACKAGE}/")}
     loader = {p.name: p.read_bytes() for p in (REPO / "plugin" / PACKAGE).glob("*.py")}
     files = {f"files/{rel}": data for rel, data in served.items()}
     assert set(package) == {*loader, *files, "manifest.json"}
@@ -124,13 +140,16 @@ def test_manifest_records_pristine_served_and_patched_hashes(manifest, served):
     assert [p["name"] for p in manifest["carried"]] == [p.name for p in CARRIED]
     assert [p["name"] for p in manifest["not_carried"]] == [p.name for p in NOT_CARRIED]
     assert {m["module"]: m["path"] for m in manifest["modules"]} == SERVED_MODULES
-    upstream = [zipfile.ZipFile(upstream_path(a)) for a in LOCK.wheels(
-        LOCK.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])]  # fmt: skip
+    upstream = [
+        zipfile.ZipFile(upstream_path(a))
+        for a in LOCK.wheels(LOCK.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])
+    ]
     for entry in manifest["modules"]:
         path = entry["path"]
         # null for a module the patches add: no release wheel has it
-        assert {sha256(zf.read(path)) if path in zf.NameToInfo else None
-                for zf in upstream} == {entry["pristine_sha256"]}  # fmt: skip
+        assert {sha256(zf.read(path)) if path in zf.NameToInfo else None for zf in upstream} == {
+            entry["pristine_sha256"]
+        }
         assert (entry["pristine_sha256"] is None) == (path in ADDED)
         assert entry["served_sha256"] == sha256(served[path])
         assert entry["served_sha256"] != entry["pristine_sha256"]
@@ -144,12 +163,16 @@ def test_manifest_lists_the_patches_it_cannot_carry_with_the_reason(manifest):
     are such files (with `vllm serve` on CUDA they come before the plugins)."""
     reasons = {p["name"]: p["reason"] for p in manifest["not_carried"]}
     for patch in NOT_CARRIED:
-        early = {str(PurePosixPath(rel).parent) + "/" for rel in files_of(patch)
-                 if not rel.startswith(SERVABLE)}  # fmt: skip
+        early = {
+            str(PurePosixPath(rel).parent) + "/" for rel in files_of(patch) if not rel.startswith(SERVABLE)
+        }
         assert early and all(folder in reasons[patch.name] for folder in early), reasons
         assert reasons[patch.name].startswith("needs the patched wheel: ")
-    fused_moe = [p for p in PATCHES if any(rel.startswith("vllm/model_executor/layers/fused_moe/")
-                                           for rel in files_of(p))]  # fmt: skip
+    fused_moe = [
+        p
+        for p in PATCHES
+        if any(rel.startswith("vllm/model_executor/layers/fused_moe/") for rel in files_of(p))
+    ]
     assert fused_moe and set(fused_moe) <= set(NOT_CARRIED)
 
 
@@ -157,20 +180,27 @@ def test_build_fails_when_a_carried_patch_needs_one_it_skips(tmp_path):
     """A model-file patch written over a line that only a patch the plugin does not
     carry adds: the patched wheels have it, the plugin's files cannot; one line."""
     repo = copy_repo(tmp_path / "repo")
-    skipped, rel = next((p, rel) for p in NOT_CARRIED for rel in files_of(p)
-                        if rel.startswith(SERVABLE) and rel not in ADDED)  # fmt: skip
-    added = next(line[1:] for line in skipped.read_text().split(f"+++ b/{rel}\n", 1)[1].splitlines()
-                 if line.startswith("+"))  # fmt: skip
+    skipped, rel = next(
+        (p, rel) for p in NOT_CARRIED for rel in files_of(p) if rel.startswith(SERVABLE) and rel not in ADDED
+    )
+    added = next(
+        line[1:]
+        for line in skipped.read_text().split(f"+++ b/{rel}\n", 1)[1].splitlines()
+        if line.startswith("+")
+    )
     before = (repo / "overlay" / rel).read_text().splitlines(keepends=True)
     at = before.index(added + "\n") + 1
     after = [*before[:at], " " * (len(added) - len(added.lstrip())) + "# a later fix\n", *before[at:]]
-    patch = f"diff --git a/{rel} b/{rel}\n" + "".join(difflib.unified_diff(before, after, f"a/{rel}", f"b/{rel}"))
+    patch = f"diff --git a/{rel} b/{rel}\n" + "".join(
+        difflib.unified_diff(before, after, f"a/{rel}", f"b/{rel}")
+    )
     (repo / "patches" / "9999-later.patch").write_text(patch)
     (repo / "overlay" / rel).write_text("".join(after))  # the whole series' file
     with open(repo / "patches" / "series", "a") as series:
         series.write("9999-later.patch\n")
-    result = run_build("--offline", "--flavour", "plugin", "--arch", "x86_64",
-                       "--out-dir", str(tmp_path / "out"), repo=repo)  # fmt: skip
+    result = run_build(
+        "--offline", "--flavour", "plugin", "--arch", "x86_64", "--out-dir", str(tmp_path / "out"), repo=repo
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("build.sh: error: the plugin's files"), result.stderr
@@ -189,29 +219,41 @@ def test_flavour_plugin_builds_only_it_identically_for_any_arch(tmp_path):
     """Byte-identical to dist/'s whatever the arch, the umask and where it is staged."""
     out, staging = tmp_path / "out", tmp_path / "elsewhere"
     staging.mkdir()
-    result = run_build("--offline", "--flavour", "plugin", "--arch", "aarch64",
-                       "--out-dir", str(out), env={"TMPDIR": str(staging)}, umask=0o077)  # fmt: skip
+    result = run_build(
+        "--offline",
+        "--flavour",
+        "plugin",
+        "--arch",
+        "aarch64",
+        "--out-dir",
+        str(out),
+        env={"TMPDIR": str(staging)},
+        umask=0o077,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "SHA256SUMS", PLUGIN_WHEEL.name]  # fmt: skip
+        "SHA256SUMS",
+        PLUGIN_WHEEL.name,
+    ]
     assert (out / PLUGIN_WHEEL.name).read_bytes() == PLUGIN_WHEEL.read_bytes()
     built = zipfile.ZipFile(out / PLUGIN_WHEEL.name)
-    assert {oct(i.external_attr >> 16) for i in built.infolist()
-            if not i.filename.endswith("/RECORD")} == {"0o100644"}  # fmt: skip
+    assert {oct(i.external_attr >> 16) for i in built.infolist() if not i.filename.endswith("/RECORD")} == {
+        "0o100644"
+    }
     assert not [n for n in built.namelist() if str(staging).encode() in built.read(n)]
     listed = (DIST / "SHA256SUMS").read_text().splitlines()
     assert f"{sha256(PLUGIN_WHEEL.read_bytes())}  {PLUGIN_WHEEL.name}" in listed
 
 
-@pytest.mark.parametrize("path", ["vllm/model_executor/models/configs.json",
-                                  "vllm/model_executor/models/__init__.py"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path", ["vllm/model_executor/models/configs.json", "vllm/model_executor/models/__init__.py"]
+)
 def test_build_refuses_an_overlay_file_that_is_not_a_module(tmp_path, path):
     repo = copy_repo(tmp_path / "repo")
     (repo / "patches/extra.patch").write_text(f"diff --git a/{path} b/{path}\n")
     with open(repo / "patches/series", "a") as series:
         series.write("extra.patch\n")
-    result = run_build("--offline", "--flavour", "plugin", "--out-dir", str(tmp_path / "out"),
-                       repo=repo)  # fmt: skip
+    result = run_build("--offline", "--flavour", "plugin", "--out-dir", str(tmp_path / "out"), repo=repo)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("build.sh: error: the plugin can")
     assert path in result.stderr
@@ -223,8 +265,14 @@ def test_build_without_setuptools_is_one_line_naming_the_install(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "py")], check=True)
     shutil.copytree(Path(packaging.__file__).parent, tmp_path / "lib" / "packaging")
     python = tmp_path / "py" / "bin" / "python"
-    result = run_build("--offline", "--flavour", "plugin", "--out-dir", str(tmp_path / "out"),
-                       env={"PYTHON": str(python), "PYTHONPATH": str(tmp_path / "lib")})  # fmt: skip
+    result = run_build(
+        "--offline",
+        "--flavour",
+        "plugin",
+        "--out-dir",
+        str(tmp_path / "out"),
+        env={"PYTHON": str(python), "PYTHONPATH": str(tmp_path / "lib")},
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("build.sh: error: the plugin wheel needs setuptools>=")
@@ -234,15 +282,38 @@ def test_build_without_setuptools_is_one_line_naming_the_install(tmp_path):
 
 def test_pip_installs_it_without_touching_vllm(tmp_path, served):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    report = subprocess.run([*pip, "install", "--dry-run", "--no-index", "--ignore-installed",
-                             "--report", "-", "-q", str(PLUGIN_WHEEL)],
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    report = subprocess.run(
+        [
+            *pip,
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--ignore-installed",
+            "--report",
+            "-",
+            "-q",
+            str(PLUGIN_WHEEL),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     # With dependencies resolved (no --no-deps) pip would install this one wheel only.
-    assert [i["metadata"]["name"] for i in json.loads(report.stdout)["install"]] == [
-        "vllm-moe-overlay"]  # fmt: skip
-    result = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--root-user-action=ignore",
-                             "--target", str(tmp_path), str(PLUGIN_WHEEL)],
-                            capture_output=True, text=True)  # fmt: skip
+    assert [i["metadata"]["name"] for i in json.loads(report.stdout)["install"]] == ["vllm-moe-overlay"]
+    result = subprocess.run(
+        [
+            *pip,
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--root-user-action=ignore",
+            "--target",
+            str(tmp_path),
+            str(PLUGIN_WHEEL),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
     for path in SERVED:
@@ -268,11 +339,13 @@ def import_origins(env: dict[str, str], *import_first: str) -> tuple[dict[str, P
     vllm package it runs, and the plugin's log lines (vLLM logs to stdout)."""
     result = subprocess.run(
         [str(VENV / "bin/python"), "-c", ORIGINS_SCRIPT, json.dumps(list(TARGETS)), *import_first],
-        env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
-    )  # fmt: skip
+        env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    found = json.loads(next(ln for ln in lines if ln.startswith("ORIGINS "))[len("ORIGINS "):])
+    found = json.loads(next(ln for ln in lines if ln.startswith("ORIGINS "))[len("ORIGINS ") :])
     origins = {m: Path(o) if o else None for m, o in found["origins"].items()}
     return origins, Path(found["vllm"]).parent, [ln for ln in lines if TAG in ln]
 
@@ -280,8 +353,7 @@ def import_origins(env: dict[str, str], *import_first: str) -> tuple[dict[str, P
 def files_under(root: Path, release: bool = False) -> dict[str, Path | None]:
     """Each target's file under `root`; with `release`, None for a module the release
     lacks (the patches add it)."""
-    return {module: None if release and path in ADDED else root / path
-            for module, path in TARGETS.items()}  # fmt: skip
+    return {module: None if release and path in ADDED else root / path for module, path in TARGETS.items()}
 
 
 def packaged_files() -> dict[str, Path]:
@@ -397,12 +469,16 @@ os.waitpid(child, 0)
 
 
 def test_register_is_cheap_idempotent_and_announces_once_per_process():
-    result = subprocess.run([str(VENV / "bin/python"), "-c", REGISTER_TWICE_THEN_FORK, EDITED],
-                            env=pristine_plugin_env(), capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [str(VENV / "bin/python"), "-c", REGISTER_TWICE_THEN_FORK, EDITED],
+        env=pristine_plugin_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    parent = json.loads(next(ln for ln in lines if ln.startswith("PARENT "))[len("PARENT "):])
-    child = json.loads(next(ln for ln in lines if ln.startswith("CHILD "))[len("CHILD "):])
+    parent = json.loads(next(ln for ln in lines if ln.startswith("PARENT "))[len("PARENT ") :])
+    child = json.loads(next(ln for ln in lines if ln.startswith("CHILD "))[len("CHILD ") :])
     assert parent["loaded"] == []  # neither torch nor any part of vLLM
     assert parent["finders"] == 1
     announced = [int(m) for ln in lines if APPLIED in ln for m in re.findall(r"\[pid (\d+)\]", ln)]
@@ -414,8 +490,7 @@ def test_register_is_cheap_idempotent_and_announces_once_per_process():
 
 
 def check_command(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV / "bin/python"), "-m", PACKAGE], env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    return subprocess.run([str(VENV / "bin/python"), "-m", PACKAGE], env=env, capture_output=True, text=True)
 
 
 def test_check_command_reports_active_and_what_it_does_not_carry(manifest):

@@ -27,9 +27,9 @@ def interpreter(version: str) -> str | None:
         candidates += [str(Path(root, "versions", v, "bin", f"python{version}")) for v in reversed(installs)]
     for candidate in candidates:
         found = shutil.which(candidate)
-        if found and subprocess.run([found, "-c", "import sys; print(sys.version_info[:2])"],
-                                    capture_output=True, text=True).stdout.strip() == str(
-                                        tuple(int(n) for n in version.split("."))):  # fmt: skip
+        if found and subprocess.run(
+            [found, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+        ).stdout.strip() == str(tuple(int(n) for n in version.split("."))):
             return found
     return None
 
@@ -43,8 +43,16 @@ def test_build_is_byte_identical_under_each_supported_python(version, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(Path(packaging.__file__).parent, site / "packaging")
     out = tmp_path / "out"
-    result = run_build("--offline", "--flavour", "cpu", "--arch", "x86_64", "--out-dir", str(out),
-                       env={"PYTHON": python, "PYTHONPATH": str(site)})  # fmt: skip
+    result = run_build(
+        "--offline",
+        "--flavour",
+        "cpu",
+        "--arch",
+        "x86_64",
+        "--out-dir",
+        str(out),
+        env={"PYTHON": python, "PYTHONPATH": str(site)},
+    )
     assert result.returncode == 0, result.stderr
     built = out / built_wheel(ARTIFACT).name
     assert built.read_bytes() == built_wheel(ARTIFACT).read_bytes()

@@ -42,8 +42,7 @@ pytest_plugins = ["moe_fixtures"]
 # Against the float64 dense reference. bfloat16 rounds every activation to 8
 # significant bits: the largest error measured (torch path, AVX2, 5 x 64
 # tokens) was 0.021 on outputs of up to 3.3.
-TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-5},
-             torch.bfloat16: {"rtol": 2e-2, "atol": 4e-2}}  # fmt: skip
+TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 4e-2}}
 # Sampled tokens are kept only if their top-k experts lead the next one by
 # this much in exact arithmetic: far above bfloat16's rounding of the router
 # logits, so every dtype picks the experts the reference picks.
@@ -70,8 +69,9 @@ def qwen3(variant, moe_workdir, vllm_distributed) -> ModuleType:
 
 def build(module: ModuleType, shared: bool, workdir: Path, kernel: Kernel, seed: int = 0) -> Block:
     """A block with seeded weights and its own VllmConfig, on the kernel's path."""
-    hf_config = qwen3_config(SHARED_INTERMEDIATE if shared else 0,
-                             moe_intermediate_size=kernel.case.moe_intermediate)  # fmt: skip
+    hf_config = qwen3_config(
+        SHARED_INTERMEDIATE if shared else 0, moe_intermediate_size=kernel.case.moe_intermediate
+    )
     config = vllm_config(hf_config, workdir, kernel.dtype)
     layer, weights = build_qwen3_block(module, config, seed)
     assert layer.experts.is_internal_router == shared
@@ -132,8 +132,7 @@ def test_without_shared_experts_gate_runs_once(qwen3, kernel, moe_workdir):
 def test_without_shared_experts_the_fix_changes_nothing(moe_workdir, vllm_distributed, kernel):
     """What carries the fix, against upstream's file loaded on its own: the same bits."""
     pristine = build(load_pristine("qwen3_moe", moe_workdir), False, moe_workdir, kernel, seed=1)
-    fixed = build(load_variant(fixed_variant(), "qwen3_moe", moe_workdir), False, moe_workdir,
-                  kernel, seed=1)  # fmt: skip
+    fixed = build(load_variant(fixed_variant(), "qwen3_moe", moe_workdir), False, moe_workdir, kernel, seed=1)
     assert fixed.layer.__class__.__module__ != pristine.layer.__class__.__module__
     x = tokens(fixed, 16, seed=2)
     assert torch.equal(fixed.forward(x), pristine.forward(x))
@@ -154,9 +153,10 @@ def test_forward_flops(qwen3, variant, kernel, moe_workdir, shared):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "no-shared"])
 def test_build_saves_exactly_one_router_gemm(moe_workdir, vllm_distributed, kernel, shared):
     pristine = build(load_pristine("qwen3_moe", moe_workdir), shared, moe_workdir, kernel)
-    patched = build(load_variant(fixed_variant(), "qwen3_moe", moe_workdir), shared, moe_workdir,
-                    kernel)
+    patched = build(load_variant(fixed_variant(), "qwen3_moe", moe_workdir), shared, moe_workdir, kernel)
     x = tokens(patched, 16, seed=4)
-    saved = (count_flops(pristine.layer, lambda: pristine.forward(x)).total
-             - count_flops(patched.layer, lambda: patched.forward(x)).total)
+    saved = (
+        count_flops(pristine.layer, lambda: pristine.forward(x)).total
+        - count_flops(patched.layer, lambda: patched.forward(x)).total
+    )
     assert saved == (2 * len(x) * HIDDEN * NUM_EXPERTS if shared else 0)

@@ -33,21 +33,26 @@ def test_comments_blank_lines_and_p1_are_read(tmp_path):
     assert check.returncode == 0, check.stderr
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("../outside.patch", "'../outside.patch' leaves patches/"),
-    ("/tmp/outside.patch", "'/tmp/outside.patch' leaves patches/"),
-    ("more/inside.patch", "'more/inside.patch' leaves patches/"),
-    (f"{NAMES[0]} -p0", "option '-p0' is not supported: every patch applies with -p1"),
-    (f"{NAMES[0]} -R  # reversed", "option '-R' is not supported"),
-    (NAMES[0], f"{NAMES[0]} is listed twice"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("../outside.patch", "'../outside.patch' leaves patches/"),
+        ("/tmp/outside.patch", "'/tmp/outside.patch' leaves patches/"),
+        ("more/inside.patch", "'more/inside.patch' leaves patches/"),
+        (f"{NAMES[0]} -p0", "option '-p0' is not supported: every patch applies with -p1"),
+        (f"{NAMES[0]} -R  # reversed", "option '-R' is not supported"),
+        (NAMES[0], f"{NAMES[0]} is listed twice"),
+    ],
+)
 def test_bad_entries_are_refused_by_line(tmp_path, entry, message):
     repo = copy_repo(tmp_path / "repo")
     series = repo / "patches" / "series"
     series.write_text(series.read_text() + entry + "\n")
     line = len(series.read_text().splitlines())
-    for result, prog in ((run_build(*VERIFY, repo=repo), "build.sh"),
-                         (run_script(repo, "patch-queue", "check", "--offline"), "patch-queue")):
+    for result, prog in (
+        (run_build(*VERIFY, repo=repo), "build.sh"),
+        (run_script(repo, "patch-queue", "check", "--offline"), "patch-queue"),
+    ):
         assert f"patches/series line {line}: {message}" in error_line(result, prog)
 
 
@@ -61,8 +66,7 @@ def test_export_keeps_the_header_comments(tmp_path):
     assert series.read_text() == ANNOTATED  # the same patches: the series is left alone
 
     env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
-    subprocess.run(["git", "reset", "-q", "--hard", "HEAD~1"], cwd=repo / ".patch-queue", env=env,
-                   check=True)  # fmt: skip
+    subprocess.run(["git", "reset", "-q", "--hard", "HEAD~1"], cwd=repo / ".patch-queue", env=env, check=True)
     export = run_script(repo, "patch-queue", "export", "--offline")
     assert export.returncode == 0, export.stderr
     assert series.read_text() == HEADER + "".join(f"{name}\n" for name in NAMES[:-1])

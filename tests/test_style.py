@@ -18,6 +18,5 @@ REPO = Path(__file__).resolve().parents[1]
 def test_ruff(command):
     # The tools environment's Python: tests/run exports it as PYTHON for the full run.
     python = os.environ.get("PYTHON", sys.executable)
-    result = subprocess.run([python, "-m", "ruff", *command, "."], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run([python, "-m", "ruff", *command, "."], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -21,19 +21,27 @@ CHANGED_AGAIN = "vllm/model_executor/models/qwen3_moe.py"
 NEW_MODULE = "vllm/model_executor/models/overlay_probe.py"
 # The tests that need only the repository and the build cache: the patches, the
 # maintainers' tools, the built wheels, the plugin wheel and its loader in vLLM.
-PATCH_LEVEL = ["tests/test_patch_hygiene.py", "tests/test_maintenance.py",
-               "tests/test_build_wheels.py", "tests/test_plugin.py"]  # fmt: skip
+PATCH_LEVEL = [
+    "tests/test_patch_hygiene.py",
+    "tests/test_maintenance.py",
+    "tests/test_build_wheels.py",
+    "tests/test_plugin.py",
+]
 GIT_ENV = {
     **os.environ,
-    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_AUTHOR_NAME": "A Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@invalid",
-    "GIT_COMMITTER_NAME": "A Maintainer", "GIT_COMMITTER_EMAIL": "maintainer@invalid",
-}  # fmt: skip
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "A Maintainer",
+    "GIT_AUTHOR_EMAIL": "maintainer@invalid",
+    "GIT_COMMITTER_NAME": "A Maintainer",
+    "GIT_COMMITTER_EMAIL": "maintainer@invalid",
+}
 
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True,
-                          text=True).stdout  # fmt: skip
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def copy_checkout(dest: Path) -> Path:
@@ -54,8 +62,13 @@ def add_backport(repo: Path) -> None:
         module.write("\n\n# Changed again by the third backport.\n")
     (queue / NEW_MODULE).write_text('"""A module that vLLM 0.19.1 does not have."""\n\nADDED = True\n')
     git(queue, "add", CHANGED_AGAIN, NEW_MODULE)
-    git(queue, "commit", "-q", "-m",
-        f"[Misc] Overlay probe: a module of our own\n\nAdds a module.\n\n{TEST_PROVENANCE}")
+    git(
+        queue,
+        "commit",
+        "-q",
+        "-m",
+        f"[Misc] Overlay probe: a module of our own\n\nAdds a module.\n\n{TEST_PROVENANCE}",
+    )
     result = run_script(repo, "patch-queue", "export", "--offline")
     assert result.returncode == 0, result.stderr
     assert f"added overlay/{NEW_MODULE}" in result.stderr
@@ -77,15 +90,30 @@ def test_patch_level_tests_pass_with_a_third_backport_that_adds_a_module(tmp_pat
     assert build.returncode == 0, build.stderr
 
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", *PATCH_LEVEL, "-m", "not installed and not network",
-         "-q", "-rA", "-p", "no:cacheprovider"],
-        cwd=repo, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            *PATCH_LEVEL,
+            "-m",
+            "not installed and not network",
+            "-q",
+            "-rA",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     summary = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "passed" in summary and not re.search(r"failed|error|skipped", summary), summary
     # The tests saw the third patch and the added module.
-    for test in ("test_maintenance.py::test_committed_patches_and_overlay_pass_the_drift_guard",
-                 "test_plugin.py::test_other_file_changes_nothing_and_warns_with_both_hashes[added]",
-                 "test_plugin.py::test_applies_on_pristine_vllm_when_vllm_plugins_names_it"):
+    for test in (
+        "test_maintenance.py::test_committed_patches_and_overlay_pass_the_drift_guard",
+        "test_plugin.py::test_other_file_changes_nothing_and_warns_with_both_hashes[added]",
+        "test_plugin.py::test_applies_on_pristine_vllm_when_vllm_plugins_names_it",
+    ):
         assert f"PASSED tests/{test}" in result.stdout, test

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import zipfile
 
-from packaging.requirements import Requirement
-
 from overlaytools.rewheel import dist_info_dir
+from packaging.requirements import Requirement
 
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
 

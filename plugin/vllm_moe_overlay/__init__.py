@@ -105,31 +105,71 @@ def plan() -> Plan:
     info = manifest()
     root = installed_root()
     targets = [
-        Target(m["module"], m["path"], m["pristine_sha256"], m["served_sha256"],
-               m["patched_sha256"], _sha256(root / m["path"]) if root else None)
+        Target(
+            m["module"],
+            m["path"],
+            m["pristine_sha256"],
+            m["served_sha256"],
+            m["patched_sha256"],
+            _sha256(root / m["path"]) if root else None,
+        )
         for m in info["modules"]
-    ]  # fmt: skip
+    ]
     tag = f"vllm-moe-overlay {info['label']}"
     names = ", ".join(t.module for t in targets)
     if all(t.state == "patched" for t in targets):
-        return Plan("patched", targets, [(logging.INFO, (
-            f"{tag}: inert: the installed vLLM already carries its patches ({names})"))])  # fmt: skip
+        return Plan(
+            "patched",
+            targets,
+            [(logging.INFO, (f"{tag}: inert: the installed vLLM already carries its patches ({names})"))],
+        )
     others = [t for t in targets if t.state != "pristine"]
     if others:
-        return Plan("mismatch", targets, [(logging.WARNING, (
-            f"{tag}: not applied, nothing changed: {t.module} is not vLLM "
-            f"{info['vllm_version']}'s file (expected {describe(t.pristine_sha256)}, "
-            f"found {describe(t.found_sha256)})")) for t in others])  # fmt: skip
+        return Plan(
+            "mismatch",
+            targets,
+            [
+                (
+                    logging.WARNING,
+                    (
+                        f"{tag}: not applied, nothing changed: {t.module} is not vLLM "
+                        f"{info['vllm_version']}'s file (expected {describe(t.pristine_sha256)}, "
+                        f"found {describe(t.found_sha256)})"
+                    ),
+                )
+                for t in others
+            ],
+        )
     imported = [t.module for t in targets if t.module in sys.modules]
     if imported:
-        return Plan("imported", targets, [(logging.ERROR, (
-            f"{tag}: refused, nothing applied: {', '.join(imported)} was imported before "
-            "the plugin ran; serving the patched file now would leave two versions of it "
-            "in this process"))])  # fmt: skip
+        return Plan(
+            "imported",
+            targets,
+            [
+                (
+                    logging.ERROR,
+                    (
+                        f"{tag}: refused, nothing applied: {', '.join(imported)} was imported before "
+                        "the plugin ran; serving the patched file now would leave two versions of it "
+                        "in this process"
+                    ),
+                )
+            ],
+        )
     subjects = "; ".join(p["subject"] for p in info["carried"])
-    return Plan("apply", targets, [(logging.INFO, (
-        f"{tag}: applied to vLLM {info['vllm_version']}: {subjects} "
-        f"(serving {names} from {FILES}){not_carried(info)}"))])  # fmt: skip
+    return Plan(
+        "apply",
+        targets,
+        [
+            (
+                logging.INFO,
+                (
+                    f"{tag}: applied to vLLM {info['vllm_version']}: {subjects} "
+                    f"(serving {names} from {FILES}){not_carried(info)}"
+                ),
+            )
+        ],
+    )
 
 
 def not_carried(info: dict) -> str:
@@ -193,8 +233,9 @@ def _register() -> None:
     if decided.action == "apply":
         damaged = [t.packaged for t in decided.targets if _sha256(t.packaged) != t.served_sha256]
         if damaged:
-            raise ManifestError(f"the plugin's file {damaged[0]} is missing or not the one "
-                                "its manifest records")  # fmt: skip
+            raise ManifestError(
+                f"the plugin's file {damaged[0]} is missing or not the one its manifest records"
+            )
         ((_, announcement),) = decided.records
         finder = OverlayFinder(decided.targets, announcement)
         finder.announce()

@@ -34,15 +34,19 @@ def main() -> int:
 def check() -> str:
     """What vLLM gets ('' if not every module the plugin serves is fixed); prints why."""
     info = manifest()
-    print(f"vllm-moe-overlay {info['label']} for vLLM {info['vllm_version']}: carries "
-          + "; ".join(p["subject"] for p in info["carried"]))  # fmt: skip
+    print(
+        f"vllm-moe-overlay {info['label']} for vLLM {info['vllm_version']}: carries "
+        + "; ".join(p["subject"] for p in info["carried"])
+    )
     for patch in info["not_carried"]:
         print(f"not carried: {patch['subject']} ({patch['reason']})")
     decided = plan()  # the installed files, read before vLLM's loader acts on them
 
     found = [ep for ep in entry_points(group=GROUP) if ep.name == NAME]
-    print(f"entry point {GROUP}:{NAME}: "
-          + (found[0].value if found else "NOT FOUND (is the wheel installed here?)"))  # fmt: skip
+    print(
+        f"entry point {GROUP}:{NAME}: "
+        + (found[0].value if found else "NOT FOUND (is the wheel installed here?)")
+    )
 
     if importlib.util.find_spec("vllm") is None:
         print(f"vLLM: NOT installed for {sys.executable}")
@@ -71,8 +75,9 @@ def check() -> str:
             fixed = False
             status = f"NOT patched: vLLM imports {origin}" if origin else "NOT patched: no such module"
             if target.state != "pristine":
-                status += (f" ({describe(target.found_sha256)}, plugin expects "
-                           f"{describe(target.pristine_sha256)})")  # fmt: skip
+                status += (
+                    f" ({describe(target.found_sha256)}, plugin expects {describe(target.pristine_sha256)})"
+                )
         print(f"{target.module}: {status}")
     if not fixed:
         return ""

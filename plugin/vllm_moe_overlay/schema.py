@@ -14,8 +14,9 @@ SCHEMA_VERSION = 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def manifest(vllm_version: str, label: str, carried: list[dict], not_carried: list[dict],
-             modules: list[dict]) -> dict:  # fmt: skip
+def manifest(
+    vllm_version: str, label: str, carried: list[dict], not_carried: list[dict], modules: list[dict]
+) -> dict:
     """The manifest of this schema version; ValueError if it would not pass problem().
 
     carried: {"name", "subject"} per patch the plugin carries, in series order.
@@ -23,8 +24,14 @@ def manifest(vllm_version: str, label: str, carried: list[dict], not_carried: li
     modules: {"module", "path", "pristine_sha256", "served_sha256", "patched_sha256"} per
     served file: the release's file (None for a module the patches add), the plugin's own
     (pristine + the carried patches) and the patched wheels' (pristine + the whole series)."""
-    info = {"schema": SCHEMA_VERSION, "vllm_version": vllm_version, "label": label,
-            "carried": carried, "not_carried": not_carried, "modules": modules}  # fmt: skip
+    info = {
+        "schema": SCHEMA_VERSION,
+        "vllm_version": vllm_version,
+        "label": label,
+        "carried": carried,
+        "not_carried": not_carried,
+        "modules": modules,
+    }
     found = problem(info)
     if found:
         raise ValueError(found)
@@ -62,11 +69,17 @@ def problem(info) -> str | None:
         if not strings(m, ("module", "path", "served_sha256", "patched_sha256")) or not (
             "pristine_sha256" in m and (m["pristine_sha256"] is None or isinstance(m["pristine_sha256"], str))
         ):
-            return ("each module needs module, path, served_sha256 and patched_sha256 strings "
-                    "and a pristine_sha256 string or null")  # fmt: skip
+            return (
+                "each module needs module, path, served_sha256 and patched_sha256 strings "
+                "and a pristine_sha256 string or null"
+            )
         parts = m["path"].split("/")
-        if (parts[0] != "vllm" or not m["path"].endswith(".py") or ".." in parts
-                or m["module"] != m["path"][: -len(".py")].replace("/", ".")):  # fmt: skip
+        if (
+            parts[0] != "vllm"
+            or not m["path"].endswith(".py")
+            or ".." in parts
+            or m["module"] != m["path"][: -len(".py")].replace("/", ".")
+        ):
             return f"module {m['module']!r} does not match its path {m['path']!r}"
         hashes = (m["served_sha256"], m["patched_sha256"], m["pristine_sha256"])
         if not all(_SHA256.fullmatch(h) for h in hashes if h is not None):

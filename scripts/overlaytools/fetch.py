@@ -29,11 +29,14 @@ def default_cache_dir() -> Path:
 
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                        help="download cache shared by the tools [$VLLM_OVERLAY_CACHE or "
-                        "~/.cache/vllm-moe-overlay]")
-    parser.add_argument("--offline", action="store_true",
-                        help="use only the cache; never run pip download")  # fmt: skip
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="download cache shared by the tools [$VLLM_OVERLAY_CACHE or ~/.cache/vllm-moe-overlay]",
+    )
+    parser.add_argument("--offline", action="store_true", help="use only the cache; never run pip download")
 
 
 def pip_failure(result: subprocess.CompletedProcess) -> str:
@@ -86,11 +89,12 @@ def open_verified(artifact: Artifact, version: str, cache_dir: Path, offline: bo
             if actual == artifact.sha256:
                 return handle
             handle.close()
-            mismatch = (f"{path}: sha256 {actual} does not match {artifact.hash_from}'s "
-                        f"{artifact.sha256}")  # fmt: skip
+            mismatch = f"{path}: sha256 {actual} does not match {artifact.hash_from}'s {artifact.sha256}"
             if offline:
-                raise OverlayError(f"{mismatch}; not used and kept (--offline): run without "
-                                   "--offline to replace it with a verified download")  # fmt: skip
+                raise OverlayError(
+                    f"{mismatch}; not used and kept (--offline): run without "
+                    "--offline to replace it with a verified download"
+                )
             log(f"  {mismatch}; fetching it afresh")
         elif offline:
             raise OverlayError(f"{artifact.filename} is not in the cache {store} (--offline)")
@@ -134,9 +138,17 @@ def _download(artifact: Artifact, version: str, store: Path) -> BinaryIO:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=store, prefix=_fetch_prefix(artifact.filename)) as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-            "--dest", tmp, *artifact.pip_target(), f"{artifact.project}=={version}",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--dest",
+            tmp,
+            *artifact.pip_target(),
+            f"{artifact.project}=={version}",
+        ]
         result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             raise OverlayError(f"pip could not download {artifact.filename}: {pip_failure(result)}")

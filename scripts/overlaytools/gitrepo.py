@@ -31,16 +31,28 @@ class Git:
         name, email, date = TOOL_IDENTITY
         self.env = {
             **os.environ,
-            "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CEILING_DIRECTORIES": str(work.resolve().parent),
-            "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email, "GIT_COMMITTER_DATE": date,
-            "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_AUTHOR_DATE": date,
-        }  # fmt: skip
+            "GIT_COMMITTER_NAME": name,
+            "GIT_COMMITTER_EMAIL": email,
+            "GIT_COMMITTER_DATE": date,
+            "GIT_AUTHOR_NAME": name,
+            "GIT_AUTHOR_EMAIL": email,
+            "GIT_AUTHOR_DATE": date,
+        }
 
-    def __call__(self, *args: str, input: str | None = None, env: dict | None = None,
-                 check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
-        result = subprocess.run(["git", *args], cwd=self.work, env={**self.env, **(env or {})},
-                                input=input, capture_output=True, text=True)  # fmt: skip
+    def __call__(
+        self, *args: str, input: str | None = None, env: dict | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            ["git", *args],
+            cwd=self.work,
+            env={**self.env, **(env or {})},
+            input=input,
+            capture_output=True,
+            text=True,
+        )
         if check and result.returncode != 0:
             raise OverlayError(f"git {args[0]} failed in {self.work}: {_last_line(result.stderr)}")
         return result
@@ -83,19 +95,18 @@ def read_message(patch: Path) -> Message:
         with open(patch, "rb") as stdin:
             result = subprocess.run(
                 ["git", "mailinfo", "-b", str(msg), os.devnull],
-                stdin=stdin, capture_output=True, check=False,
-            )  # fmt: skip
+                stdin=stdin,
+                capture_output=True,
+                check=False,
+            )
         if result.returncode != 0:
             raise OverlayError(f"{patch.name}: git mailinfo failed: {result.stderr.decode().strip()}")
-        fields = dict(
-            line.split(": ", 1) for line in result.stdout.decode().splitlines() if ": " in line
-        )
+        fields = dict(line.split(": ", 1) for line in result.stdout.decode().splitlines() if ": " in line)
         missing = [f for f in ("Author", "Email", "Date", "Subject") if not fields.get(f)]
         if missing:
             raise OverlayError(f"{patch.name}: no {', '.join(missing)} in its header")
         body = msg.read_text()
-        return Message(fields["Author"], fields["Email"], fields["Date"],
-                       f"{fields['Subject']}\n\n{body}")  # fmt: skip
+        return Message(fields["Author"], fields["Email"], fields["Date"], f"{fields['Subject']}\n\n{body}")
 
 
 @contextmanager

@@ -97,8 +97,7 @@ def load(path: Path = DEFAULT_LOCK) -> Lock:
     releases = {}
     for version, entries in raw["releases"].items():
         _expect(entries, list, f"releases[{version!r}]", path)
-        releases[version] = [_artifact(e, f"releases[{version!r}][{n}]", path)
-                             for n, e in enumerate(entries)]  # fmt: skip
+        releases[version] = [_artifact(e, f"releases[{version!r}][{n}]", path) for n, e in enumerate(entries)]
     lock = Lock(pin=raw["pin"], label=raw["label"], releases=releases)
     _check_label(lock.label, path)
     return lock
@@ -130,8 +129,7 @@ def _artifact(entry, where: str, path: Path) -> Artifact:
 def _expect(value, kind: type, where: str, path: Path) -> None:
     # bool is an int to Python, never to the lock.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise OverlayError(f"{path}: {where} must be a JSON {_JSON_NAMES[kind]}, "
-                           f"not {type(value).__name__}")  # fmt: skip
+        raise OverlayError(f"{path}: {where} must be a JSON {_JSON_NAMES[kind]}, not {type(value).__name__}")
 
 
 def _expect_keys(value: dict, keys: set[str], where: str, path: Path) -> None:

@@ -50,12 +50,14 @@ def series_names(text: str, listing: Path | str = "series") -> list[str]:
         name, options = words[0], list(itertools.takewhile(lambda w: not w.startswith("#"), words[1:]))
         where = f"{listing} line {number}"
         if "/" in name or ".." in name:
-            raise OverlayError(f"{where}: {name!r} leaves patches/: name a patch file there, "
-                               "without a folder")  # fmt: skip
+            raise OverlayError(
+                f"{where}: {name!r} leaves patches/: name a patch file there, without a folder"
+            )
         unsupported = [o for o in options if o != "-p1"]
         if unsupported:
-            raise OverlayError(f"{where}: option {unsupported[0]!r} is not supported: every "
-                               "patch applies with -p1")  # fmt: skip
+            raise OverlayError(
+                f"{where}: option {unsupported[0]!r} is not supported: every patch applies with -p1"
+            )
         if name in names:
             raise OverlayError(f"{where}: {name} is listed twice")
         names.append(name)
@@ -82,10 +84,13 @@ def touched_files(patches: list[Path]) -> list[str]:
 _HUNK = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 # Extended git headers of changes a patch of this overlay may not make.
 _REFUSED_HEADERS = {
-    "deleted file mode": "deletes", "rename from": "renames", "copy from": "copies",
-    "old mode": "changes the mode of", "GIT binary patch": "changes binary",
+    "deleted file mode": "deletes",
+    "rename from": "renames",
+    "copy from": "copies",
+    "old mode": "changes the mode of",
+    "GIT binary patch": "changes binary",
     "Binary files": "changes binary",
-}  # fmt: skip
+}
 
 
 def target_problem(path: str) -> str | None:
@@ -106,8 +111,9 @@ def check_format(patch: Path) -> None:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise OverlayError(f"{patch.name} is not UTF-8 text (byte {data[exc.start]:#04x} "
-                           f"at offset {exc.start})") from None  # fmt: skip
+        raise OverlayError(
+            f"{patch.name} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})"
+        ) from None
     current = None  # the file of the 'diff --git' section being read
     sections = old = new = 0  # old, new: lines left in the current hunk
     for number, line in enumerate(text.split("\n"), 1):
@@ -121,16 +127,20 @@ def check_format(patch: Path) -> None:
             if not found:
                 raise OverlayError(f"{where}: cannot read {line!r}")
             if found.group(1) != found.group(2):
-                raise OverlayError(f"{patch.name} renames {found.group(1)} to {found.group(2)}: "
-                                   "patches may only change or add files")  # fmt: skip
+                raise OverlayError(
+                    f"{patch.name} renames {found.group(1)} to {found.group(2)}: "
+                    "patches may only change or add files"
+                )
             current = found.group(1)
             problem = target_problem(current)
             if problem:
                 raise OverlayError(f"{patch.name}: {problem}")
             sections += 1
         elif line.startswith(("--- ", "+++ ", "@@ ")) and current is None:
-            raise OverlayError(f"{where}: {line!r} has no 'diff --git' header; the patch is not "
-                               "in git's format (write it with git format-patch)")  # fmt: skip
+            raise OverlayError(
+                f"{where}: {line!r} has no 'diff --git' header; the patch is not "
+                "in git's format (write it with git format-patch)"
+            )
         elif line.startswith(("--- ", "+++ ")):
             side = "a/" if line[0] == "-" else "b/"
             if line == "+++ /dev/null":
@@ -149,8 +159,12 @@ def check_format(patch: Path) -> None:
 
 def added_files(patches: list[Path]) -> list[str]:
     """The touched files that a patch creates: the release has no such file."""
-    return [rel for patch in patches for rel, header in _file_headers(patch).items()
-            if "\nnew file mode " in header]  # fmt: skip
+    return [
+        rel
+        for patch in patches
+        for rel, header in _file_headers(patch).items()
+        if "\nnew file mode " in header
+    ]
 
 
 def _file_headers(patch: Path) -> dict[str, str]:
@@ -159,11 +173,19 @@ def _file_headers(patch: Path) -> dict[str, str]:
     headers = {}
     for found in _FILE_HEADER.finditer(patch.read_text()):
         old, new, header = found.group(1), found.group(2), found.group(0)
-        what = ("deletes" if "\ndeleted file mode " in header else "copies" if "\ncopy from "
-                in header else "renames" if old != new else "")  # fmt: skip
+        what = (
+            "deletes"
+            if "\ndeleted file mode " in header
+            else "copies"
+            if "\ncopy from " in header
+            else "renames"
+            if old != new
+            else ""
+        )
         if what:
-            raise OverlayError(f"{patch.name} {what} {old}: patches may change or add files, "
-                               "not delete, rename or copy them")  # fmt: skip
+            raise OverlayError(
+                f"{patch.name} {what} {old}: patches may change or add files, not delete, rename or copy them"
+            )
         headers[new] = header
     return headers
 
@@ -218,8 +240,11 @@ def _file_tree(files: dict[str, bytes]) -> Iterator[tuple[Path, dict[str, str]]]
 def _git_apply(root: Path, env: dict[str, str], patch: Path, *flags: str):
     return subprocess.run(
         ["git", "apply", "-p1", "--whitespace=nowarn", *flags, str(patch.resolve())],
-        cwd=root, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def apply(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
@@ -279,10 +304,14 @@ def overlay_mismatches(patched: dict[str, bytes]) -> str:
 
 def text_diff(old: bytes, new: bytes, fromfile: str, tofile: str) -> str:
     """A unified diff of two versions of a text file."""
-    return "".join(difflib.unified_diff(
-        old.decode().splitlines(keepends=True), new.decode().splitlines(keepends=True),
-        fromfile=fromfile, tofile=tofile,
-    ))  # fmt: skip
+    return "".join(
+        difflib.unified_diff(
+            old.decode().splitlines(keepends=True),
+            new.decode().splitlines(keepends=True),
+            fromfile=fromfile,
+            tofile=tofile,
+        )
+    )
 
 
 def check(pristine: dict[str, bytes], patches: list[Path]) -> dict:

@@ -41,26 +41,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "patches/ or overlay/ is not what an export writes.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in (("import", "create the queue from patches/series"),
-                       ("export", "write patches/, series and overlay/ from upstream..HEAD"),
-                       ("check", "change nothing; fail where overlay/ is not pristine + patches "
-                        "or a patch is not in the form export writes")):
+    for name, text in (
+        ("import", "create the queue from patches/series"),
+        ("export", "write patches/, series and overlay/ from upstream..HEAD"),
+        (
+            "check",
+            "change nothing; fail where overlay/ is not pristine + patches "
+            "or a patch is not in the form export writes",
+        ),
+    ):
         sub = commands.add_parser(name, help=text, description=text)
         if name != "check":
-            sub.add_argument("--dir", type=Path, default=DEFAULT_DIR,
-                             help="the queue's git repository [.patch-queue/ in the checkout]")
+            sub.add_argument(
+                "--dir",
+                type=Path,
+                default=DEFAULT_DIR,
+                help="the queue's git repository [.patch-queue/ in the checkout]",
+            )
         if name == "import":
-            sub.add_argument("--force", action="store_true",
-                             help="replace an existing queue (its commits are lost)")
-        fetch.add_cache_options(sub)  # fmt: skip
+            sub.add_argument(
+                "--force", action="store_true", help="replace an existing queue (its commits are lost)"
+            )
+        fetch.add_cache_options(sub)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     action = {"import": import_queue, "export": export_queue, "check": check}[args.command]
-    written = {"import": "the queue was not replaced", "check": "nothing was written",
-               "export": "each file of patches/ or overlay/ it rewrote was replaced whole"}  # fmt: skip
+    written = {
+        "import": "the queue was not replaced",
+        "check": "nothing was written",
+        "export": "each file of patches/ or overlay/ it rewrote was replaced whole",
+    }
     return run(PROG, lambda: action(args), lambda: written[args.command])
 
 
@@ -73,14 +86,17 @@ def import_queue(args: argparse.Namespace) -> None:
     dest = args.dir.absolute()
     if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir() or any(dest.iterdir())):
         if not args.force:
-            raise OverlayError(f"{dest} exists and is not empty; pass --force to replace it "
-                               "(its commits are lost)")  # fmt: skip
+            raise OverlayError(
+                f"{dest} exists and is not empty; pass --force to replace it (its commits are lost)"
+            )
         if dest.is_symlink() or not (dest / ".git" / MARKER).is_file():
-            raise OverlayError(f"{dest} is not a patch queue made by {PROG} import; "
-                               "not removing it with --force")  # fmt: skip
+            raise OverlayError(
+                f"{dest} is not a patch queue made by {PROG} import; not removing it with --force"
+            )
     patches = patching.series()
-    artifact, files = sources.release_sources(locked, args.cache_dir or fetch.default_cache_dir(),
-                                              args.offline)  # fmt: skip
+    artifact, files = sources.release_sources(
+        locked, args.cache_dir or fetch.default_cache_dir(), args.offline
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
@@ -90,8 +106,10 @@ def import_queue(args: argparse.Namespace) -> None:
         log(f"writing {len(files):,} files of vLLM {locked.pin} from {artifact.filename}")
         patching.write_files(staging, files)
         git("add", "-A")
-        message = (f"{upstream_subject(locked)}\n\nThe pristine vllm/**.py files of "
-                   f"{artifact.filename}\n(sha256 {artifact.sha256}).\n")  # fmt: skip
+        message = (
+            f"{upstream_subject(locked)}\n\nThe pristine vllm/**.py files of "
+            f"{artifact.filename}\n(sha256 {artifact.sha256}).\n"
+        )
         git("commit", "-q", "-F", "-", input=message)
         git("tag", UPSTREAM)
         for patch in patches:
@@ -102,8 +120,10 @@ def import_queue(args: argparse.Namespace) -> None:
         os.replace(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log(f"{dest}: branch {BRANCH}, {len(patches)} patch commit(s) on tag {UPSTREAM} "
-        f"(vLLM {locked.pin}); edit with git, then run scripts/patch-queue export")  # fmt: skip
+    log(
+        f"{dest}: branch {BRANCH}, {len(patches)} patch commit(s) on tag {UPSTREAM} "
+        f"(vLLM {locked.pin}); edit with git, then run scripts/patch-queue export"
+    )
 
 
 def export_queue(args: argparse.Namespace) -> None:
@@ -119,8 +139,13 @@ def export_queue(args: argparse.Namespace) -> None:
         for patch in raw:
             patching.check_format(patch)
         touched = patching.touched_files(raw)
-        pristine = sources.pinned_pristine(locked, touched, args.cache_dir or fetch.default_cache_dir(),
-                                           args.offline, patching.added_files(raw))  # fmt: skip
+        pristine = sources.pinned_pristine(
+            locked,
+            touched,
+            args.cache_dir or fetch.default_cache_dir(),
+            args.offline,
+            patching.added_files(raw),
+        )
         fresh = gitrepo.normalize(pristine, raw)
         staged = Path(tmp) / "patches"
         staged.mkdir()
@@ -128,16 +153,20 @@ def export_queue(args: argparse.Namespace) -> None:
         patched = patching.apply(pristine, [staged / name for name in fresh])
     for rel, data in patched.items():
         if data != git.out("show", f"HEAD:{rel}").encode():
-            raise OverlayError(f"{rel} at HEAD is not pristine vLLM {locked.pin} + the exported "
-                               f"patches: is {UPSTREAM} the release? re-import the queue")  # fmt: skip
+            raise OverlayError(
+                f"{rel} at HEAD is not pristine vLLM {locked.pin} + the exported "
+                f"patches: is {UPSTREAM} the release? re-import the queue"
+            )
     try:
         old = [p.name for p in patching.series()]
     except OverlayError:
         old = []
     changed = writeback.patches(old, fresh) + writeback.overlays(patched)
     if changed:
-        log(f"exported {len(fresh)} patch(es) from {args.dir}; bump label in "
-            "upstream.lock.json, then run ./build.sh and tests/run")
+        log(
+            f"exported {len(fresh)} patch(es) from {args.dir}; bump label in "
+            "upstream.lock.json, then run ./build.sh and tests/run"
+        )
     else:
         log(f"exported {len(fresh)} patch(es) from {args.dir}: patches/ and overlay/ were up to date")
 
@@ -151,8 +180,13 @@ def check(args: argparse.Namespace) -> None:
         patching.check_format(patch)
     members = patching.touched_files(patches)
     patching.refuse_strays(members)
-    pristine = sources.pinned_pristine(locked, members, args.cache_dir or fetch.default_cache_dir(),
-                                       args.offline, patching.added_files(patches))  # fmt: skip
+    pristine = sources.pinned_pristine(
+        locked,
+        members,
+        args.cache_dir or fetch.default_cache_dir(),
+        args.offline,
+        patching.added_files(patches),
+    )
     patching.check(pristine, patches)
     current = {p.name: p.read_bytes() for p in patches}
     fresh = gitrepo.normalize(pristine, patches)
@@ -167,11 +201,12 @@ def check(args: argparse.Namespace) -> None:
 
 def _patch_diff(current: dict[str, bytes], fresh: dict[str, bytes]) -> str:
     return "".join(
-        patching.text_diff(current.get(name, b""), fresh.get(name, b""),
-                           f"patches/{name}", f"exported/{name}")
+        patching.text_diff(
+            current.get(name, b""), fresh.get(name, b""), f"patches/{name}", f"exported/{name}"
+        )
         for name in sorted(set(current) | set(fresh))
         if current.get(name) != fresh.get(name)
-    )  # fmt: skip
+    )
 
 
 def _queue(path: Path, locked: lock.Lock) -> gitrepo.Git:
@@ -179,11 +214,15 @@ def _queue(path: Path, locked: lock.Lock) -> gitrepo.Git:
     if not (path / ".git").exists():
         raise OverlayError(f"{path} is not a patch queue: create it with scripts/patch-queue import")
     git = gitrepo.Git(path)
-    busy = [op for op in ("rebase-merge", "rebase-apply", "CHERRY_PICK_HEAD", "MERGE_HEAD")
-            if Path(path, git.out("rev-parse", "--git-path", op).strip()).exists()]  # fmt: skip
+    busy = [
+        op
+        for op in ("rebase-merge", "rebase-apply", "CHERRY_PICK_HEAD", "MERGE_HEAD")
+        if Path(path, git.out("rev-parse", "--git-path", op).strip()).exists()
+    ]
     if busy:
-        raise OverlayError(f"{path}: a git am, rebase, cherry-pick or merge is in progress; "
-                           "finish or abort it first")  # fmt: skip
+        raise OverlayError(
+            f"{path}: a git am, rebase, cherry-pick or merge is in progress; finish or abort it first"
+        )
     dirty = git.out("status", "--porcelain", "--untracked-files=no")
     if dirty:
         first = dirty.splitlines()[0][3:]
@@ -192,15 +231,17 @@ def _queue(path: Path, locked: lock.Lock) -> gitrepo.Git:
         raise OverlayError(f"{path} has no tag {UPSTREAM!r}: re-import the queue")
     subject = git.out("log", "-1", "--format=%s", UPSTREAM).strip()
     if subject != upstream_subject(locked):
-        raise OverlayError(f"{path}: {UPSTREAM} is {subject!r}, but the pin is vLLM {locked.pin}; "
-                           "re-import the queue")  # fmt: skip
+        raise OverlayError(
+            f"{path}: {UPSTREAM} is {subject!r}, but the pin is vLLM {locked.pin}; re-import the queue"
+        )
     if git("merge-base", "--is-ancestor", UPSTREAM, "HEAD", check=False).returncode:
-        raise OverlayError(f"{path}: HEAD is not based on {UPSTREAM}; rebase it "
-                           f"(git rebase {UPSTREAM})")  # fmt: skip
+        raise OverlayError(f"{path}: HEAD is not based on {UPSTREAM}; rebase it (git rebase {UPSTREAM})")
     merges = git.out("rev-list", "--merges", f"{UPSTREAM}..HEAD").split()
     if merges:
-        raise OverlayError(f"{path}: {_describe(git, merges[0])} is a merge; the series must "
-                           f"be linear (git rebase {UPSTREAM})")  # fmt: skip
+        raise OverlayError(
+            f"{path}: {_describe(git, merges[0])} is a merge; the series must "
+            f"be linear (git rebase {UPSTREAM})"
+        )
     return git
 
 
@@ -211,8 +252,9 @@ def _check_commit(git: gitrepo.Git, commit: str) -> None:
             f"{_describe(git, commit)} has no 'Origin:' line: add its provenance (Origin, Bug, "
             "Applied-Upstream, Backport) to the message (git rebase -i upstream, reword)"
         )
-    changes = git.out("diff-tree", "-r", "--no-commit-id", "--no-renames", "--name-status",
-                      commit).splitlines()  # fmt: skip
+    changes = git.out(
+        "diff-tree", "-r", "--no-commit-id", "--no-renames", "--name-status", commit
+    ).splitlines()
     if not changes:
         raise OverlayError(f"{_describe(git, commit)} changes nothing; drop it")
     for line in changes:
@@ -224,12 +266,13 @@ def _check_commit(git: gitrepo.Git, commit: str) -> None:
             except OverlayError as exc:
                 problem = str(exc)
         if problem:
-            raise OverlayError(f"{_describe(git, commit)} changes {rel}, which the build refuses: "
-                               f"{problem}")  # fmt: skip
+            raise OverlayError(f"{_describe(git, commit)} changes {rel}, which the build refuses: {problem}")
         if status not in ("M", "A"):
             what = "deletes" if status == "D" else f"changes the type of ({status})"
-            raise OverlayError(f"{_describe(git, commit)} {what} {rel}: patches may change "
-                               "or add files, not delete or rename them")  # fmt: skip
+            raise OverlayError(
+                f"{_describe(git, commit)} {what} {rel}: patches may change "
+                "or add files, not delete or rename them"
+            )
 
 
 def _describe(git: gitrepo.Git, commit: str) -> str:

@@ -43,12 +43,16 @@ SERVABLE = "vllm/model_executor/models/"
 
 def not_carried(patch: Path) -> str | None:
     """Why the plugin cannot carry `patch`, or None if it carries it."""
-    early = sorted({str(PurePosixPath(f).parent) + "/" for f in patching.touched_files([patch])
-                    if not f.startswith(SERVABLE)})  # fmt: skip
+    early = sorted(
+        {
+            str(PurePosixPath(f).parent) + "/"
+            for f in patching.touched_files([patch])
+            if not f.startswith(SERVABLE)
+        }
+    )
     if not early:
         return None
-    return (f"needs the patched wheel: it changes {', '.join(early)}, which vLLM imports "
-            "before plugins")  # fmt: skip
+    return f"needs the patched wheel: it changes {', '.join(early)}, which vLLM imports before plugins"
 
 
 def served_files(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
@@ -56,15 +60,17 @@ def served_files(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, b
     skipped); every file those patches change or add."""
     carried = [p for p in patches if not not_carried(p)]
     if not carried:
-        raise OverlayError(f"the plugin can carry no patch of the series: each changes a file "
-                           f"outside {SERVABLE}")  # fmt: skip
+        raise OverlayError(
+            f"the plugin can carry no patch of the series: each changes a file outside {SERVABLE}"
+        )
     touched = patching.touched_files(carried)
     try:
         return patching.apply({p: pristine[p] for p in touched if p in pristine}, carried)
     except OverlayError as exc:
         skipped = ", ".join(p.name for p in patches if p not in carried)
-        raise OverlayError(f"the plugin's files (pristine + the patches it carries, without "
-                           f"{skipped}): {exc}") from None  # fmt: skip
+        raise OverlayError(
+            f"the plugin's files (pristine + the patches it carries, without {skipped}): {exc}"
+        ) from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,8 +128,14 @@ def _requires_python(source, wheel: str) -> str:
     raise OverlayError(f"{wheel} has no Requires-Python")
 
 
-def manifest(version: str, label: str, patches: list[Path], pristine: dict[str, bytes],
-             served: dict[str, bytes], patched: dict[str, bytes]) -> bytes:  # fmt: skip
+def manifest(
+    version: str,
+    label: str,
+    patches: list[Path],
+    pristine: dict[str, bytes],
+    served: dict[str, bytes],
+    patched: dict[str, bytes],
+) -> bytes:
     def sha256(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
 
@@ -137,12 +149,16 @@ def manifest(version: str, label: str, patches: list[Path], pristine: dict[str, 
             carried=[described(p) for p in patches if not not_carried(p)],
             not_carried=[{**described(p), "reason": not_carried(p)} for p in patches if not_carried(p)],
             modules=[
-                {"module": module_name(path), "path": path,
-                 # None: a module the patches add, which the release does not have
-                 "pristine_sha256": sha256(pristine[path]) if path in pristine else None,
-                 "served_sha256": sha256(served[path]), "patched_sha256": sha256(patched[path])}
+                {
+                    "module": module_name(path),
+                    "path": path,
+                    # None: a module the patches add, which the release does not have
+                    "pristine_sha256": sha256(pristine[path]) if path in pristine else None,
+                    "served_sha256": sha256(served[path]),
+                    "patched_sha256": sha256(patched[path]),
+                }
                 for path in sorted(served)
-            ],  # fmt: skip
+            ],
         )
     except ValueError as exc:  # what schema.py refuses
         raise OverlayError(f"the plugin manifest would be refused: {exc}") from None
@@ -192,10 +208,13 @@ def write(out: Path, version: str, label: str, patches: list[Path], inputs: Inpu
             path.write_bytes(data)
             path.chmod(0o644)  # setuptools copies the file's mode into the wheel
         result = subprocess.run(
-            [sys.executable, "-c", BUILD_WHEEL, str(wheels)], cwd=source, capture_output=True,
-            text=True, env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
+            [sys.executable, "-c", BUILD_WHEEL, str(wheels)],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
             umask=0o022,  # the mode of the dist-info files setuptools writes
-        )  # fmt: skip
+        )
         if result.returncode != 0:
             said = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
             raise OverlayError(f"setuptools could not build the plugin wheel: {said}")

@@ -118,8 +118,10 @@ class Staging:
                 if entry.is_dir(follow_symlinks=False) and entry.name.startswith(_OLD_STAGING):
                     continue  # removed with the old set
                 if not entry.is_file(follow_symlinks=False):
-                    raise OverlayError(f"{entry.path} is not a regular file; the build replaces "
-                                       f"{self.out} whole, so move it elsewhere")  # fmt: skip
+                    raise OverlayError(
+                        f"{entry.path} is not a regular file; the build replaces "
+                        f"{self.out} whole, so move it elsewhere"
+                    )
                 if entry.name.endswith(".whl") and entry.name not in current:
                     dropped.append(entry.name)
                     continue
@@ -172,7 +174,9 @@ def _exchange(a: Path, b: Path) -> None:
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
         code = ctypes.get_errno()
         if code in (errno.EINVAL, errno.ENOSYS):
-            raise OverlayError(f"the file system of {b} cannot swap directories atomically "
-                               "(renameat2 RENAME_EXCHANGE); use an --out-dir on a local "
-                               "file system")  # fmt: skip
+            raise OverlayError(
+                f"the file system of {b} cannot swap directories atomically "
+                "(renameat2 RENAME_EXCHANGE); use an --out-dir on a local "
+                "file system"
+            )
         raise OSError(code, os.strerror(code), str(b))

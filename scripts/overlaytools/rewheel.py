@@ -111,9 +111,7 @@ def rewrite(
         added[member].create_system = template.create_system
 
     content = {m: data for m, data in files.items() if m not in added}
-    content["vllm/_version.py"] = set_version_module(
-        zin.read("vllm/_version.py"), upstream_version, version
-    )
+    content["vllm/_version.py"] = set_version_module(zin.read("vllm/_version.py"), upstream_version, version)
     content[f"{old_di}/METADATA"] = set_metadata(zin.read(f"{old_di}/METADATA"), name, version)
     for member in zin.namelist():
         if member.startswith(f"{old_di}/") and member not in content:
@@ -140,8 +138,15 @@ def rewrite(
     content[f"{old_di}/RECORD"] = record.getvalue().encode("utf-8")
 
     with open(out_path, "wb") as out, zipfile.ZipFile(out, "w") as zout:
-        _write_members(zin, source, zout, content, old_di, new_di,
-                       {info: files[member] for member, info in added.items()})  # fmt: skip
+        _write_members(
+            zin,
+            source,
+            zout,
+            content,
+            old_di,
+            new_di,
+            {info: files[member] for member, info in added.items()},
+        )
 
 
 def _renamed(member: str, old_di: str, new_di: str) -> str:

@@ -38,13 +38,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "'conflicts' (needs a forward-port or a look). Read from the release's own "
         "code, which pip fetches (the release's wheel, hash-checked against the index).",
     )
-    parser.add_argument("versions", nargs="*", metavar="VERSION",
-                        help="vLLM releases, or 'latest' [the pin and latest]")
-    parser.add_argument("--arch", choices=lock.ARCHES, default=sources.host_arch(),
-                        help="which release wheel to read [this machine's]")
-    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                        help="download cache [$VLLM_OVERLAY_CACHE or ~/.cache/vllm-moe-overlay]")
-    return parser.parse_args(argv)  # fmt: skip
+    parser.add_argument(
+        "versions", nargs="*", metavar="VERSION", help="vLLM releases, or 'latest' [the pin and latest]"
+    )
+    parser.add_argument(
+        "--arch",
+        choices=lock.ARCHES,
+        default=sources.host_arch(),
+        help="which release wheel to read [this machine's]",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="download cache [$VLLM_OVERLAY_CACHE or ~/.cache/vllm-moe-overlay]",
+    )
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -92,11 +102,25 @@ def _release_wheel(locked: lock.Lock, spec: str, arch: str) -> tuple[str, lock.A
         report = Path(tmp) / "report.json"
         platforms = [f"--platform=manylinux_2_{n}_{arch}" for n in MANYLINUX]
         cmd = [
-            sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps",
-            "--ignore-installed", "--disable-pip-version-check", "--only-binary=:all:",
-            *platforms, f"--python-version={lock.PIP_PYTHON_VERSION}", "--implementation=cp",
-            "--target", str(Path(tmp) / "target"), "--report", str(report), requirement,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--no-deps",
+            "--ignore-installed",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            *platforms,
+            f"--python-version={lock.PIP_PYTHON_VERSION}",
+            "--implementation=cp",
+            "--target",
+            str(Path(tmp) / "target"),
+            "--report",
+            str(report),
+            requirement,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             reason = fetch.pip_failure(result)
@@ -120,8 +144,11 @@ def _verdicts(patches: list[Path], source, filename: str) -> list[Verdict]:
         touched = patching.touched_files([patch])
         wanted = [r for r in touched if r not in files]
         try:
-            files.update(sources.wheel_members(source, wanted, filename, patching.added_files([patch]),
-                                               missing_ok=True))  # fmt: skip
+            files.update(
+                sources.wheel_members(
+                    source, wanted, filename, patching.added_files([patch]), missing_ok=True
+                )
+            )
         except OverlayError as exc:
             verdicts.append(Verdict(patch.name, CONFLICTS, str(exc)))
             continue

@@ -69,7 +69,8 @@ def _series(listing: Path, names: list[str]) -> bool:
     except OverlayError:
         pass  # a broken series is replaced
     header = patching.series_header(text)
-    if any(len(line.split()) > 1 or line.lstrip().startswith("#")
-           for line in text[len(header):].splitlines()):  # fmt: skip
+    if any(
+        len(line.split()) > 1 or line.lstrip().startswith("#") for line in text[len(header) :].splitlines()
+    ):
         log(f"{listing.name}: comments and options after the first patch name were not kept")
     return replace(listing, (header + "".join(f"{n}\n" for n in names)).encode())

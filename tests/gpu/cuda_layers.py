@@ -38,8 +38,13 @@ def distributed(workdir: Path) -> Iterator[None]:
     workspace manager on the GPU."""
     torch.cuda.set_device(0)
     with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="nccl",
-                                     distributed_init_method=f"file://{workdir / 'dist-init'}")  # fmt: skip
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            backend="nccl",
+            distributed_init_method=f"file://{workdir / 'dist-init'}",
+        )
         initialize_model_parallel(1, 1)
     init_workspace_manager(CUDA)
     try:
@@ -49,9 +54,11 @@ def distributed(workdir: Path) -> Iterator[None]:
         destroy_distributed_environment()
 
 
-def build(make: Callable[[], torch.nn.Module], config: VllmConfig,
-          load: Callable[[torch.nn.Module], dict[str, torch.Tensor]]
-          ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:  # fmt: skip
+def build(
+    make: Callable[[], torch.nn.Module],
+    config: VllmConfig,
+    load: Callable[[torch.nn.Module], dict[str, torch.Tensor]],
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """make() on the GPU in the config's dtype, its weights set by load() and then
     processed as the engine does; also float64 CPU copies of the weights load() set."""
     with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype), CUDA:
@@ -133,11 +140,13 @@ class Profile:
         return [g for g in self.gemms if g.shapes[: len(shapes)] == shapes]
 
     def summary(self) -> dict:
-        return {"cuda_kernels": len(self.kernels), "gemm_ops": len(self.gemms),
-                "gemm_kernels": sum(len(g.kernels) for g in self.gemms),
-                "kernels": self.kernels,
-                "gemms": [{"op": g.op, "shapes": g.shapes, "kernels": g.kernels}
-                          for g in self.gemms]}  # fmt: skip
+        return {
+            "cuda_kernels": len(self.kernels),
+            "gemm_ops": len(self.gemms),
+            "gemm_kernels": sum(len(g.kernels) for g in self.gemms),
+            "kernels": self.kernels,
+            "gemms": [{"op": g.op, "shapes": g.shapes, "kernels": g.kernels} for g in self.gemms],
+        }
 
 
 def profile(fn: Callable[[], object]) -> Profile:
@@ -147,19 +156,25 @@ def profile(fn: Callable[[], object]) -> Profile:
         fn()
         torch.cuda.synchronize()
     events = prof.events()
-    kernels = [e.name for e in sorted(events, key=lambda e: e.time_range.start)
-               if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]  # fmt: skip
-    gemms = [GemmLaunch(e.name, tuple(tuple(s) for s in e.input_shapes),
-                        tuple(k.name for k in e.kernels))
-             for e in events if e.device_type == DeviceType.CPU and e.name in GEMM_OPS]  # fmt: skip
+    kernels = [
+        e.name
+        for e in sorted(events, key=lambda e: e.time_range.start)
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+    gemms = [
+        GemmLaunch(e.name, tuple(tuple(s) for s in e.input_shapes), tuple(k.name for k in e.kernels))
+        for e in events
+        if e.device_type == DeviceType.CPU and e.name in GEMM_OPS
+    ]
     return Profile(kernels, gemms)
 
 
 # --- CUDA graphs --------------------------------------------------------------
 
 
-def capture(layer: torch.nn.Module, config: VllmConfig,
-            *static_inputs: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:  # fmt: skip
+def capture(
+    layer: torch.nn.Module, config: VllmConfig, *static_inputs: torch.Tensor
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """The layer's forward on static_inputs captured in a CUDA graph (after warm-up
     forwards on a side stream, which compile and tune the Triton kernels), and the
     graph's output tensor, refreshed by each replay."""

@@ -63,11 +63,12 @@ def unavailable() -> str:
     except ImportError:
         return "GPU tests: vLLM is not installed"
     if not current_platform.is_cuda():
-        return (f"GPU tests: vLLM selected {type(current_platform).__name__}, "
-                "not its CUDA platform")  # fmt: skip
+        return f"GPU tests: vLLM selected {type(current_platform).__name__}, not its CUDA platform"
     if variant() not in VARIANTS:
-        return (f"GPU tests: {VARIANT_ENV} is {variant() or 'unset'}, not one of "
-                f"{', '.join(VARIANTS)}: tests/run-gpu-tests sets it")  # fmt: skip
+        return (
+            f"GPU tests: {VARIANT_ENV} is {variant() or 'unset'}, not one of "
+            f"{', '.join(VARIANTS)}: tests/run-gpu-tests sets it"
+        )
     return ""
 
 

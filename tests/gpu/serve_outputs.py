@@ -54,11 +54,16 @@ def compare(variant_dirs: dict[str, Path]) -> list[str]:
         for variant, run in others:
             if run["tokens"] != reference["tokens"]:
                 differ.append(f"{variant} chose other tokens than {first}")
-            elif any(abs(a - b) > logprob_atol(setup)
-                     for ours, theirs in zip(run["logprobs"], reference["logprobs"])
-                     for a, b in zip(ours, theirs)):  # fmt: skip
-                differ.append(f"{variant}'s logprobs differ from {first}'s by more than {logprob_atol(setup):.1e}")
+            elif any(
+                abs(a - b) > logprob_atol(setup)
+                for ours, theirs in zip(run["logprobs"], reference["logprobs"])
+                for a, b in zip(ours, theirs)
+            ):
+                differ.append(
+                    f"{variant}'s logprobs differ from {first}'s by more than {logprob_atol(setup):.1e}"
+                )
         names = ", ".join(served)
-        lines.append(f"FAIL {setup}: {'; '.join(differ)}" if differ
-                     else f"ok   {setup}: same greedy tokens in {names}")  # fmt: skip
+        lines.append(
+            f"FAIL {setup}: {'; '.join(differ)}" if differ else f"ok   {setup}: same greedy tokens in {names}"
+        )
     return lines

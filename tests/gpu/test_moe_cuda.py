@@ -95,18 +95,17 @@ class Gemma4:
         return run(self.config, self.layer, x, logits)
 
     def reference(self, x, logits, scale, activation=GEMMA4_ACTIVATION) -> torch.Tensor:
-        return references.gemma4_moe(x.cpu(), logits.cpu(), self.weights, TOP_K, scale.cpu(),
-                                     activation)  # fmt: skip
+        return references.gemma4_moe(x.cpu(), logits.cpu(), self.weights, TOP_K, scale.cpu(), activation)
 
 
-def build_gemma4(module: ModuleType, workdir: Path, dtype: torch.dtype, seed: int = 0,
-                 load=None) -> Gemma4:  # fmt: skip
+def build_gemma4(module: ModuleType, workdir: Path, dtype: torch.dtype, seed: int = 0, load=None) -> Gemma4:
     """A Gemma4MoE on the GPU whose per_expert_scale was loaded in place with values in
     [0.5, 1.5); other weights from `load` (seeded random by default)."""
     hf_config = moe_layers.gemma4_config()
     config = moe_layers.vllm_config(hf_config, workdir, dtype)
-    layer, weights = cuda_layers.build(lambda: module.Gemma4MoE(hf_config, prefix=prefix()),
-                                       config, load or cuda_layers.random_weights(seed))  # fmt: skip
+    layer, weights = cuda_layers.build(
+        lambda: module.Gemma4MoE(hf_config, prefix=prefix()), config, load or cuda_layers.random_weights(seed)
+    )
     assert cuda_layers.backend(layer.experts) == cuda_layers.TRITON
     with torch.no_grad():
         layer.per_expert_scale.copy_(0.5 + torch.rand(NUM_EXPERTS, generator=generator(seed)))
@@ -129,8 +128,9 @@ def gemma4_inputs(count: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tens
     return x.to(CUDA), logits.to(torch.float32).to(CUDA)
 
 
-def assert_close_to(out: torch.Tensor, expected: torch.Tensor, other: torch.Tensor,
-                    dtype: torch.dtype, what: str) -> float:  # fmt: skip
+def assert_close_to(
+    out: torch.Tensor, expected: torch.Tensor, other: torch.Tensor, dtype: torch.dtype, what: str
+) -> float:
     """out is within the tolerance of `expected` and outside it of `other`: the test
     tells the two apart. Returns the error."""
     bound = tolerance(dtype, reduction=max(HIDDEN, MOE_INTERMEDIATE))
@@ -151,8 +151,13 @@ def test_gemma4_forward_matches_float64(gemma4, workdir, dtype):
     assert out.shape == x.shape and out.dtype == dtype
     bound = tolerance(dtype, reduction=max(HIDDEN, MOE_INTERMEDIATE))
     error = relative_rms_error(out, moe.reference(x, logits, moe.scale))
-    gpu_env.record("gemma4 forward", dtype=dtype, error=error, tolerance=bound,
-                   activation=str(moe.layer.experts.activation))  # fmt: skip
+    gpu_env.record(
+        "gemma4 forward",
+        dtype=dtype,
+        error=error,
+        tolerance=bound,
+        activation=str(moe.layer.experts.activation),
+    )
     assert error <= bound
 
 
@@ -165,8 +170,7 @@ def test_gemma4_functional_call_reaches_routing(gemma4, workdir, dtype):
     own_values = own.detach().clone()
     substitute = other_scale(seed=3, dtype=dtype)
     x, logits = gemma4_inputs(TOKENS, seed=4, dtype=dtype)
-    substituted = functools.partial(torch.func.functional_call, moe.layer,
-                                    {"per_expert_scale": substitute})  # fmt: skip
+    substituted = functools.partial(torch.func.functional_call, moe.layer, {"per_expert_scale": substitute})
 
     out = run(moe.config, substituted, (x, logits))
 
@@ -185,8 +189,7 @@ def test_gemma4_replaced_parameter_reaches_routing(gemma4, workdir, dtype):
     moe = build_gemma4(gemma4, workdir, dtype, seed=5)
     old_values = moe.scale.detach().clone()
     # what a loader or a quantization step does: a new Parameter object
-    moe.layer.per_expert_scale = torch.nn.Parameter(other_scale(seed=6, dtype=dtype),
-                                                    requires_grad=False)  # fmt: skip
+    moe.layer.per_expert_scale = torch.nn.Parameter(other_scale(seed=6, dtype=dtype), requires_grad=False)
     x, logits = gemma4_inputs(TOKENS, seed=7, dtype=dtype)
 
     out = moe.forward(x, logits)
@@ -249,9 +252,17 @@ def test_gemma4_experts_use_tanh_gelu(gemma4, workdir, dtype):
     bound = 8 * UNIT_ROUNDOFF[dtype]
     gap = float(((tanh - exact) / exact).abs().min())
     assert gap > 2 * bound, f"test design: the two GELUs differ by only {gap:.2e} here"
-    errors = {act: float(((out - ref) / ref).abs().max()) for act, ref in (("gelu_tanh", tanh), ("gelu", exact))}
-    gpu_env.record("gemma4 activation", dtype=dtype, max_relative_error=errors, tolerance=bound,
-                   gap=gap, activation=str(moe.layer.experts.activation))  # fmt: skip
+    errors = {
+        act: float(((out - ref) / ref).abs().max()) for act, ref in (("gelu_tanh", tanh), ("gelu", exact))
+    }
+    gpu_env.record(
+        "gemma4 activation",
+        dtype=dtype,
+        max_relative_error=errors,
+        tolerance=bound,
+        gap=gap,
+        activation=str(moe.layer.experts.activation),
+    )
     other = "gelu_tanh" if GEMMA4_ACTIVATION == "gelu" else "gelu"
     assert errors[GEMMA4_ACTIVATION] <= bound, errors
     assert errors[other] > bound, errors
@@ -284,13 +295,14 @@ class Qwen3:
         return torch.cat(kept)[:count].to(CUDA)
 
 
-def build_qwen3(module: ModuleType, workdir: Path, dtype: torch.dtype, shared: bool,
-                seed: int = 0) -> Qwen3:  # fmt: skip
+def build_qwen3(module: ModuleType, workdir: Path, dtype: torch.dtype, shared: bool, seed: int = 0) -> Qwen3:
     hf_config = moe_layers.qwen3_config(SHARED_INTERMEDIATE if shared else 0)
     config = moe_layers.vllm_config(hf_config, workdir, dtype)
     layer, weights = cuda_layers.build(
-        lambda: module.Qwen3MoeSparseMoeBlock(config, prefix=prefix()), config,
-        cuda_layers.random_weights(seed))  # fmt: skip
+        lambda: module.Qwen3MoeSparseMoeBlock(config, prefix=prefix()),
+        config,
+        cuda_layers.random_weights(seed),
+    )
     assert layer.experts.is_internal_router == shared
     assert cuda_layers.backend(layer.experts) == cuda_layers.TRITON
     return Qwen3(layer, config, weights, dtype, shared)
@@ -315,8 +327,14 @@ def test_qwen3_gate_runs_once(qwen3, workdir, dtype, shared):
     # Without shared experts the gate ran once in 0.19.1 already.
     assert len(gate_calls) == (2 if EXPECT_BUG and shared else 1)
     error = relative_rms_error(out, block.reference(x))
-    gpu_env.record("qwen3 forward", dtype=dtype, shared=shared, error=error,
-                   tolerance=qwen3_tolerance(dtype), gate_calls=len(gate_calls))  # fmt: skip
+    gpu_env.record(
+        "qwen3 forward",
+        dtype=dtype,
+        shared=shared,
+        error=error,
+        tolerance=qwen3_tolerance(dtype),
+        gate_calls=len(gate_calls),
+    )
     assert out.dtype == dtype and error <= qwen3_tolerance(dtype)
 
 
@@ -345,8 +363,9 @@ def test_qwen3_router_gemms_seen_by_the_profiler(qwen3, workdir, dtype, shared):
 # --- CUDA graphs ----------------------------------------------------------------
 
 
-def assert_replay_is_eager(replayed: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype,
-                           what: str) -> None:  # fmt: skip
+def assert_replay_is_eager(
+    replayed: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
     """Same kernels on the same data: equal, up to a GEMM's choice of summation order
     under capture (within one rounding)."""
     error = relative_rms_error(replayed, eager)

@@ -31,9 +31,16 @@ import serve_outputs  # noqa: E402
 import torch  # noqa: E402
 from build_helpers import PINS, REPO  # noqa: E402
 from serve_helpers import (  # noqa: E402
-    Completion, Server, assert_logprobs_close, greedy_completion, server_env, start_server, stop,
-    transformers_greedy, wait_until_healthy,
-)  # fmt: skip
+    Completion,
+    Server,
+    assert_logprobs_close,
+    greedy_completion,
+    server_env,
+    start_server,
+    stop,
+    transformers_greedy,
+    wait_until_healthy,
+)
 from transformers import AutoTokenizer, Qwen3MoeForCausalLM  # noqa: E402
 
 PLAIN, SHARED = "qwen3-moe-tiny", "qwen3-moe-tiny-shared"
@@ -43,8 +50,16 @@ STARTUP_TIMEOUT = 330.0  # twelve servers may start at once (four per variant)
 # Each server's share of the GPU: several servers per process, three processes at once.
 # A fixed KV cache skips vLLM's memory profiling, whose free-memory check assumes no
 # other process on the GPU changes its usage meanwhile.
-GPU_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--gpu-memory-utilization", "0.04",
-             "--kv-cache-memory-bytes", str(64 << 20)]  # fmt: skip
+GPU_FLAGS = [
+    "--max-model-len",
+    "256",
+    "--max-num-seqs",
+    "4",
+    "--gpu-memory-utilization",
+    "0.04",
+    "--kv-cache-memory-bytes",
+    str(64 << 20),
+]
 # float32 in vLLM's Triton kernels runs TF32 on Hopper: logprobs against transformers'
 # float32 agree to about 1e-2, not to the 1e-3 of the CPU tests.
 TRANSFORMERS_LOGPROB_ATOL = 5e-2
@@ -93,8 +108,9 @@ class Served:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpoints")
-    subprocess.run([sys.executable, str(REPO / "tests/make-tiny-checkpoints"), str(out)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(REPO / "tests/make-tiny-checkpoints"), str(out)], check=True, capture_output=True
+    )
     return out
 
 
@@ -107,8 +123,16 @@ def logs_dir(tmp_path_factory) -> Path:
 
 def serve_command(model: Path, setup: Setup) -> list[str]:
     """`vllm serve`, through its module: the kit's trees have no console script."""
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
-            "--served-model-name", model.name, *setup.flags]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        str(model),
+        "--served-model-name",
+        model.name,
+        *setup.flags,
+    ]
 
 
 def variant_env() -> dict[str, str]:
@@ -147,25 +171,38 @@ def fleet(checkpoints, tmp_path_factory) -> dict[str, Served]:
         fleet[name] = Served(logs / f"{name}.log")
         # A compile cache of its own: servers of two variants may compile the same code at once.
         own_env = {**env, "VLLM_CACHE_ROOT": str(caches / name)}
-        servers[name] = start_server(serve_command(checkpoints / setup.checkpoint, setup),
-                                     fleet[name].log, own_env)  # fmt: skip
+        servers[name] = start_server(
+            serve_command(checkpoints / setup.checkpoint, setup), fleet[name].log, own_env
+        )
         time.sleep(2)  # staggered: the processes do not all import at the same instant
     prompts = prompt_ids(checkpoints)
     with ThreadPoolExecutor(len(servers)) as pool:
-        done = {name: pool.submit(finish, name, server, fleet[name], prompts)
-                for name, server in servers.items()}  # fmt: skip
+        done = {
+            name: pool.submit(finish, name, server, fleet[name], prompts) for name, server in servers.items()
+        }
     for name, future in done.items():
         if future.exception() and not fleet[name].error:
             fleet[name].error = f"{name}: {future.exception()!r}"
-    outputs = {name: {"tokens": [c.tokens for c in run.completions],
-                      "logprobs": [c.logprobs for c in run.completions],
-                      "attention": attention_backend(run), "startup_seconds": run.startup_seconds}
-               for name, run in fleet.items() if not run.error}  # fmt: skip
+    outputs = {
+        name: {
+            "tokens": [c.tokens for c in run.completions],
+            "logprobs": [c.logprobs for c in run.completions],
+            "attention": attention_backend(run),
+            "startup_seconds": run.startup_seconds,
+        }
+        for name, run in fleet.items()
+        if not run.error
+    }
     if out := gpu_env.out_dir():
         serve_outputs.write(out, outputs)
     for name, run in fleet.items():
-        gpu_env.record("server", name=name, startup_seconds=round(run.startup_seconds, 1),
-                       attention=attention_backend(run), error=run.error)  # fmt: skip
+        gpu_env.record(
+            "server",
+            name=name,
+            startup_seconds=round(run.startup_seconds, 1),
+            attention=attention_backend(run),
+            error=run.error,
+        )
     return fleet
 
 

@@ -35,8 +35,7 @@ def check(variant: str) -> dict:
     """Raises AssertionError unless this process runs `variant`; returns what it found."""
     pins = lock.load()
     package = Path(vllm.__file__).parent
-    found = {"variant": variant, "vllm": vllm.__version__, "vllm_path": str(package),
-             "modules": {}}  # fmt: skip
+    found = {"variant": variant, "vllm": vllm.__version__, "vllm_path": str(package), "modules": {}}
     served = {}  # the plugin's: module -> its own file (pristine + the patches it carries)
     if variant == "plugin":
         import vllm_moe_overlay as plugin
@@ -71,11 +70,17 @@ def describe() -> str:
     import triton
 
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30).stdout.split()[0]  # fmt: skip
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()[0]
     except (OSError, IndexError, subprocess.SubprocessError):
         driver = "unknown"
-    return (f"variant {gpu_env.variant()}: vLLM {vllm.__version__} from {Path(vllm.__file__).parent}; "
-            f"{torch.cuda.get_device_name()} (driver {driver}); torch {torch.__version__} "
-            f"(CUDA {torch.version.cuda}), triton {triton.__version__}, "
-            f"Python {platform.python_version()} {sys.executable}")  # fmt: skip
+    return (
+        f"variant {gpu_env.variant()}: vLLM {vllm.__version__} from {Path(vllm.__file__).parent}; "
+        f"{torch.cuda.get_device_name()} (driver {driver}); torch {torch.__version__} "
+        f"(CUDA {torch.version.cuda}), triton {triton.__version__}, "
+        f"Python {platform.python_version()} {sys.executable}"
+    )
