@@ -21,6 +21,18 @@ LOCK = lock.load()
 PINS = LOCK  # the name tests/gpu imports (its rename is left to the GPU lane's owner)
 
 
+# git with no user or system configuration and a fixed identity, as a maintainer's queue has.
+GIT_ENV = {
+    **os.environ,
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "A Maintainer",
+    "GIT_AUTHOR_EMAIL": "maintainer@invalid",
+    "GIT_COMMITTER_NAME": "A Maintainer",
+    "GIT_COMMITTER_EMAIL": "maintainer@invalid",
+}
+
+
 def cache_dir() -> Path:
     return fetch.default_cache_dir()
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
-import os
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
-from build_helpers import LOCK, cache_dir, copy_repo, run_build, run_script
+from build_helpers import GIT_ENV, LOCK, cache_dir, copy_repo, run_build, run_script
 from overlaytools import gitrepo, patching, sources
 from series_helpers import PATCHES, TEST_PROVENANCE, files_of, provenance
 
@@ -21,15 +20,6 @@ NAMES = [p.name for p in PATCHES]
 QWEN3_FILE = "vllm/model_executor/models/qwen3_moe.py"
 DEEPSEEK_FILE = "vllm/model_executor/models/deepseek_v2.py"
 ONE_WHEEL = ["--offline", "--flavour", "cpu", "--arch", sources.host_arch()]
-GIT_ENV = {
-    **os.environ,
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_AUTHOR_NAME": "A Maintainer",
-    "GIT_AUTHOR_EMAIL": "maintainer@invalid",
-    "GIT_COMMITTER_NAME": "A Maintainer",
-    "GIT_COMMITTER_EMAIL": "maintainer@invalid",
-}
 
 
 def git(

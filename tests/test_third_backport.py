@@ -6,14 +6,13 @@ patch-level tests pass there, run by pytest in the copy."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from build_helpers import LOCK, REPO, run_build, run_script
+from build_helpers import GIT_ENV, LOCK, REPO, run_build, run_script
 from overlaytools import patching
 from series_helpers import PATCHES, TEST_PROVENANCE
 
@@ -27,15 +26,6 @@ PATCH_LEVEL = [
     "tests/test_build_wheels.py",
     "tests/test_plugin.py",
 ]
-GIT_ENV = {
-    **os.environ,
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_AUTHOR_NAME": "A Maintainer",
-    "GIT_AUTHOR_EMAIL": "maintainer@invalid",
-    "GIT_COMMITTER_NAME": "A Maintainer",
-    "GIT_COMMITTER_EMAIL": "maintainer@invalid",
-}
 
 
 def git(cwd: Path, *args: str) -> str:
