@@ -111,6 +111,19 @@ def test_sigkill_at_each_stage_leaves_the_old_or_the_new_set(tmp_path, stage):
     assert set(published(out)) == {OLD_WHEEL, PLUGIN_WHEEL}
 
 
+def test_wheels_of_an_earlier_label_leave_with_the_next_build(tmp_path):
+    """dist/ holds one label's set: after a label bump the next build drops this overlay's
+    wheels of the earlier label (and says so), and keeps other files and wheels."""
+    out = tmp_path / "dist"
+    old_set(out)
+    earlier = PLUGIN_WHEEL.replace(f"+{LOCK.label}-", "+moefix.0-")
+    (out / earlier).write_bytes(b"an earlier label's plugin")
+    result = run_build(*PLUGIN_ONLY, "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"dropped 1 wheel(s) of another label from {out}: {earlier}" in result.stderr
+    assert set(published(out)) == {OLD_WHEEL, PLUGIN_WHEEL}
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigterm_at_each_stage_says_what_was_written(tmp_path, stage):
     """Promise: an interruption exits non-zero with one line naming what was and was not

@@ -108,7 +108,9 @@ class Staging:
 
     def publish(self, built: dict[str, str], current: set[str]) -> None:
         """Swap in OUT's files plus the `built` wheels (name -> sha256) with their SHA256SUMS.
-        OUT's other wheels stay only if `current` names them: an earlier label's do not."""
+        OUT's other wheels of the distributions in `current` stay only if `current` names
+        them: an earlier label's do not. Wheels of other distributions stay."""
+        ours = {name.split("-", 1)[0] for name in current}
         with self._locked():
             sums = dict(built)
             dropped = []
@@ -122,7 +124,7 @@ class Staging:
                         f"{entry.path} is not a regular file; the build replaces "
                         f"{self.out} whole, so move it elsewhere"
                     )
-                if entry.name.endswith(".whl") and entry.name not in current:
+                if entry.name.split("-", 1)[0] in ours and entry.name not in current:
                     dropped.append(entry.name)
                     continue
                 _link_or_copy(Path(entry.path), self.path / entry.name)
