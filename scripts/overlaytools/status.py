@@ -141,18 +141,13 @@ def _verdicts(patches: list[Path], source, filename: str) -> list[Verdict]:
     files: dict[str, bytes] = {}
     verdicts = []
     for patch in patches:
-        touched = patching.touched_files([patch])
+        touched, added = patching.touched_files([patch]), patching.added_files([patch])
         wanted = [r for r in touched if r not in files]
         try:
-            files.update(
-                sources.wheel_members(
-                    source, wanted, filename, patching.added_files([patch]), missing_ok=True
-                )
-            )
+            files.update(sources.wheel_members(source, wanted, filename, added, missing_ok=True))
         except OverlayError as exc:
             verdicts.append(Verdict(patch.name, CONFLICTS, str(exc)))
             continue
-        added = patching.added_files([patch])
         missing = [r for r in touched if r not in files and r not in added]
         mine = {rel: files[rel] for rel in touched if rel in files}
         if missing:
