@@ -340,6 +340,19 @@ def build_gemma4_moe(
     return moe, weights
 
 
+def gemma4_inputs(
+    tokens: int, seed: int, dtype: torch.dtype, hidden_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (standard normal times hidden_scale) and router logits. Each
+    token's logits are the levels -2, -1.5, ..., 1.5 in random order: exact in every
+    dtype and never tied, so top-k cannot choose differently from the float64 reference."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = hidden_scale * torch.randn(tokens, HIDDEN, generator=generator)
+    order = torch.rand(tokens, NUM_EXPERTS, generator=generator).argsort(dim=-1)
+    logits = (order - NUM_EXPERTS / 2) * 0.5
+    return hidden.to(dtype), logits.to(dtype)
+
+
 def build_qwen3_block(
     module: ModuleType, config: VllmConfig, seed: int
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
