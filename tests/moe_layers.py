@@ -93,6 +93,10 @@ KERNEL_CASES = {
     "torch-bf16": KernelCase("torch", torch.bfloat16, 40),
 }
 
+# The activations 0.19.1's compiled CPU MoE kernels (grouped GEMM, SGL) compute; with the
+# backport of vllm#42027 the others run on the torch path.
+COMPILED_KERNEL_ACTIVATIONS = ("silu", "swigluoai")
+
 # The GEMM op that runs the routed experts on each path.
 PATH_OPS = {
     "grouped": "_C::cpu_fused_moe",

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from moe_fixtures import fixed_variant
+from moe_fixtures import installed_has
 from moe_layers import TOP_K, build_gemma4_moe, gemma4_config, gemma4_inputs, load_variant, run, vllm_config
 from references import gemma4_moe
-from series_helpers import CPU_GELU_FIX, GELU_FIX, fixes_of
+from series_helpers import CPU_GELU_FIX, GELU_FIX
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation, apply_moe_activation
 
@@ -79,9 +79,7 @@ def gemma4(variant, kernel, moe_workdir, vllm_distributed) -> Gemma4:
     module = load_variant(variant.name, "gemma4", moe_workdir)
     moe, weights = build_gemma4_moe(module, config, hf_config)
     kernel.check(moe.experts)
-    # The fused-MoE modules are the installed ones, whatever the variant's model file:
-    # the build's, or pristine's with what the plugin serves.
-    cpu_refusal = CPU_GELU_FIX.name not in fixes_of(fixed_variant())
+    cpu_refusal = not installed_has(CPU_GELU_FIX)
     return Gemma4(moe, config, weights, kernel.case.moe_intermediate, variant.lacks(GELU_FIX), cpu_refusal)
 
 
