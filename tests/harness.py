@@ -61,9 +61,14 @@ def once(stamp: Path, digest: str, action: Callable[[], None]) -> None:
     stamp.write_text(digest + "\n")
 
 
-def pip_install_target(python: str, target: Path, digest: str, *pip_args: str) -> Path:
-    """pip install --target `target` with `python`'s pip, once per digest; staged and
-    renamed under a lock, so concurrent callers are safe."""
+def pip_install_target(python: str, wheel: Path, target: Path, digest: str) -> Path:
+    """`wheel` installed with `python`'s pip --target at `target`, once per digest."""
+    return install_target(python, target, digest, "--no-index", str(wheel))
+
+
+def install_target(python: str, target: Path, digest: str, *pip_args: str) -> Path:
+    """pip install --no-deps --target `target` PIP_ARGS with `python`'s pip, once per digest;
+    staged and renamed under a lock, so concurrent callers are safe."""
     with open(f"{target}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         stamp = target / ".sha256"
@@ -111,7 +116,7 @@ def test_tools(prog: str) -> Path:
     target = fetch.default_cache_dir() / "venvs" / f"test-tools-{digest[:16]}"
     if not (target / ".sha256").is_file() or (target / ".sha256").read_text() != digest:
         say(prog, f"installing the test tools into {target} ({TOOLS_REQUIREMENTS.name})")
-    return pip_install_target(sys.executable, target, digest, "-r", str(TOOLS_REQUIREMENTS))
+    return install_target(sys.executable, target, digest, "-r", str(TOOLS_REQUIREMENTS))
 
 
 def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
@@ -173,11 +178,7 @@ def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
         )
         # The CUDA-flavour wheel goes beside the environment: tests put it first on PYTHONPATH.
         pip_install_target(
-            str(venv / "bin/python"),
-            venv / "cuda-flavour",
-            sha256_file(wheels["cuda"]),
-            "--no-index",
-            str(wheels["cuda"]),
+            str(venv / "bin/python"), wheels["cuda"], venv / "cuda-flavour", sha256_file(wheels["cuda"])
         )
     return venv
 
