@@ -234,6 +234,7 @@ def test_killed_build_takes_its_children_and_the_next_cleans_tmpdir(tmp_path):
         assert time.monotonic() < deadline, f"setuptools (pid {setuptools}) outlived the killed build"
         time.sleep(0.05)
     (left,) = tmpdir.glob("vllm-moe-overlay-plugin-*")
+    assert list(left.glob("wheels/*.whl")) == [], "setuptools went on after the build was killed"
     again = run_build(*PLUGIN_ONLY, "--out-dir", str(out), env={"TMPDIR": str(tmpdir)})
     assert again.returncode == 0, again.stderr
     assert f"removed {left} (" in again.stderr and "left by an interrupted build" in again.stderr
@@ -420,9 +421,19 @@ def cache_kind(case: str):
     return damage
 
 
+def with_cache(damage):
+    """A damaged checkout with a usable cache, so only the damage can refuse the build."""
+
+    def both(repo: Path, cache: Path) -> None:
+        linked_cache(cache.parent)
+        damage(repo)
+
+    return both
+
+
 REFUSALS = {
-    "symlink in overlay/": (lambda repo, cache: overlay_symlink(repo), "is a symlink"),
-    "patch adds a symlink": (lambda repo, cache: patch_adding_a_symlink(repo), "gives mode 120000"),
+    "symlink in overlay/": (with_cache(overlay_symlink), "is a symlink"),
+    "patch adds a symlink": (with_cache(patch_adding_a_symlink), "gives mode 120000"),
     "cache is a file": (cache_kind("cache is a file"), "is not a directory"),
     "artifacts is a file": (cache_kind("artifacts is a file"), "is not a directory"),
     "cached wheel is a dir": (cache_kind("cached wheel is a dir"), "in the cache is not a file"),
