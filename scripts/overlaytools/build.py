@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import fetch, lock, patching, plugin_wheel, publish, rewheel, sources
@@ -188,7 +189,7 @@ def _announce_downloads(artifacts: list[lock.Artifact], cache: Path, offline: bo
         )
 
 
-def _earlier_label(locked: lock.Lock):
+def _earlier_label(locked: lock.Lock) -> Callable[[str], bool]:
     """Whether a file name is one of this overlay's wheels of the lock's releases under a
     label other than the current one (what publish may drop)."""
     sentinel = lock.Lock(locked.pin, "LABEL", locked.releases)
