@@ -69,7 +69,7 @@ def run_script(repo: Path, script: str, *args: str, timeout: float = 600):
 def copy_repo(dest: Path) -> Path:
     """The files build.sh needs, copied so a test may damage them."""
     dest.mkdir()
-    for name in ("build.sh", "upstream.lock.json"):
+    for name in ("build.sh", "build-requirements.txt", "upstream.lock.json"):
         shutil.copy2(REPO / name, dest / name)
     for name in ("scripts", "patches", "overlay", "plugin"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,9 +1,11 @@
 """The test harness: tests/run (the test command) and tests/test-env (the test environment).
 
-tests/run [pytest args] builds the wheels (build.sh), prepares the cached test
-environment and runs pytest on tests/ in it. `tests/run --fast [pytest args]`:
-only the tests marked fast, in the tools environment (tools-requirements.txt:
-pytest, ruff, setuptools, packaging), with no build and no test environment.
+Both commands run under the build environment's Python (build-requirements.txt, made by
+scripts/overlaytools/buildenv.py; the tests/run and tests/test-env scripts re-run themselves
+there), the one build.sh uses. tests/run [pytest args] builds the wheels (build.sh), prepares
+the cached test environment and runs pytest on tests/ in it. `tests/run --fast [pytest args]`:
+only the tests marked fast, in the build environment with the test tools
+(tools-requirements.txt: pytest, ruff) on PYTHONPATH, with no build and no test environment.
 tests/test-env [--cuda] prepares the environment and prints its path
 (progress goes to stderr); --cuda adds the CUDA wheel's own requirements (for a
 host with an NVIDIA GPU).
@@ -37,6 +39,7 @@ from wheel_requires import runtime_requirements  # noqa: E402
 
 CONSTRAINTS = TESTS / "constraints.txt"
 TOOLS_REQUIREMENTS = TESTS / "tools-requirements.txt"
+TOOLS_ENV = "VLLM_OVERLAY_TEST_TOOLS"  # where the test tools are, for tests that run ruff
 # The test environments this process uses, each under a shared lock for as long as it runs:
 # another checkout's run installs its own patched wheels only once they are released.
 IN_USE: list = []
@@ -62,7 +65,12 @@ def once(stamp: Path, digest: str, action: Callable[[], None]) -> None:
 
 
 def pip_install_target(python: str, wheel: Path, target: Path, digest: str) -> Path:
-    """`wheel` installed with `python`'s pip --target at `target`, once per digest;
+    """`wheel` installed with `python`'s pip --target at `target`, once per digest."""
+    return install_target(python, target, digest, "--no-index", str(wheel))
+
+
+def install_target(python: str, target: Path, digest: str, *pip_args: str) -> Path:
+    """pip install --no-deps --target `target` PIP_ARGS with `python`'s pip, once per digest;
     staged and renamed under a lock, so concurrent callers are safe."""
     with open(f"{target}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -78,11 +86,10 @@ def pip_install_target(python: str, wheel: Path, target: Path, digest: str) -> P
                     "install",
                     "-q",
                     "--no-deps",
-                    "--no-index",
                     "--disable-pip-version-check",
                     "--target",
                     str(staging),
-                    str(wheel),
+                    *pip_args,
                 ]
             )
             (staging / ".sha256").write_text(digest)
@@ -105,36 +112,14 @@ def patched_wheels() -> dict[str, Path]:
     return found
 
 
-def tools_python(prog: str) -> str:
-    """The Python that runs build.sh and the fast lane: $PYTHON if set, else a cached
-    virtual environment with TOOLS_REQUIREMENTS (this Python's own setuptools may be too
-    old, and it may have no pytest)."""
-    if "PYTHON" in os.environ:
-        return os.environ["PYTHON"]
-    version = subprocess.run([sys.executable, "-VV"], capture_output=True, check=True).stdout
-    key = hashlib.sha256(version + TOOLS_REQUIREMENTS.read_bytes()).hexdigest()[:16]
-    venv = fetch.default_cache_dir() / "venvs" / f"tools-{key}"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{venv}.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        if not (venv / ".complete").exists():
-            say(prog, f"creating the tools environment {venv} ({TOOLS_REQUIREMENTS.name})")
-            shutil.rmtree(venv, ignore_errors=True)
-            _run([sys.executable, "-m", "venv", str(venv)])
-            _run(
-                [
-                    str(venv / "bin/python"),
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "--disable-pip-version-check",
-                    "-r",
-                    str(TOOLS_REQUIREMENTS),
-                ]
-            )
-            (venv / ".complete").touch()
-    return str(venv / "bin/python")
+def test_tools(prog: str) -> Path:
+    """TOOLS_REQUIREMENTS installed for this Python beside the build environment, once per
+    content: the folder to put on PYTHONPATH."""
+    digest = hashlib.sha256(sys.version.encode() + TOOLS_REQUIREMENTS.read_bytes()).hexdigest()
+    target = fetch.default_cache_dir() / "venvs" / f"test-tools-{digest[:16]}"
+    if not (target / ".sha256").is_file() or (target / ".sha256").read_text() != digest:
+        say(prog, f"installing the test tools into {target} ({TOOLS_REQUIREMENTS.name})")
+    return install_target(sys.executable, target, digest, "-r", str(TOOLS_REQUIREMENTS))
 
 
 def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
@@ -143,7 +128,7 @@ def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
         [str(REPO / "build.sh"), "--flavour", "all", "--arch", "all"],
         stdout=STDERR,
         check=True,
-        env={**os.environ, "PYTHON": tools_python(prog)},
+        env={**os.environ, "PYTHON": sys.executable},
     )
     wheels = patched_wheels()
     requirements = "\n".join(runtime_requirements(str(wheels["cpu"]))) + "\n"
@@ -221,19 +206,23 @@ def _pytest(python: str, args: list[str], env: dict[str, str], prog: str) -> int
 
 def run_tests(argv: list[str], prog: str = "tests/run") -> int:
     """The test command; its exit status is pytest's."""
+    tools = _tool(prog, lambda: test_tools(prog))
+    if tools is None:
+        return 1
     if argv[:1] == ["--fast"]:
-        python = _tool(prog, lambda: tools_python(prog))
-        if python is None:
-            return 1
-        if subprocess.run([python, "-c", "import pytest"], capture_output=True).returncode:
-            say(prog, f"error: the fast lane needs pytest for {python}")
-            return 1
         # An empty artifact cache and no package index: a fast test that needs
         # either fails instead of fetching.
         with tempfile.TemporaryDirectory(prefix="fast-lane-") as scratch:
             env = {k: v for k, v in os.environ.items() if k != "VLLM_OVERLAY_VENV"}
-            env.update(VLLM_OVERLAY_CACHE=scratch, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
-            return _pytest(python, ["-p", "no:cacheprovider", "-m", "fast", *argv[1:]], env, prog)
+            env.update(
+                VLLM_OVERLAY_CACHE=scratch,
+                PIP_CONFIG_FILE=os.devnull,
+                PIP_NO_INDEX="1",
+                PYTHON=sys.executable,
+                PYTHONPATH=os.pathsep.join(filter(None, [str(tools), os.environ.get("PYTHONPATH")])),
+                **{TOOLS_ENV: str(tools)},
+            )
+            return _pytest(sys.executable, ["-p", "no:cacheprovider", "-m", "fast", *argv[1:]], env, prog)
     venv = _tool(prog, lambda: prepare_env(prog=prog))
     if venv is None:
         return 1
@@ -242,7 +231,8 @@ def run_tests(argv: list[str], prog: str = "tests/run") -> int:
         **os.environ,
         "VLLM_OVERLAY_VENV": str(venv),
         "VLLM_OVERLAY_CACHE": str(fetch.default_cache_dir()),
-        "PYTHON": tools_python(prog),
+        "PYTHON": sys.executable,
+        TOOLS_ENV: str(tools),
     }
     return _pytest(str(venv / "bin/python"), argv, env, prog)
 

@@ -111,17 +111,134 @@ def test_sigkill_at_each_stage_leaves_the_old_or_the_new_set(tmp_path, stage):
     assert set(published(out)) == {OLD_WHEEL, PLUGIN_WHEEL}
 
 
+def add_published(out: Path, name: str, data: bytes) -> None:
+    """A wheel in `out` as an earlier build published it: listed in SHA256SUMS."""
+    (out / name).write_bytes(data)
+    with open(out / "SHA256SUMS", "a") as sums:
+        sums.write(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+
+
 def test_wheels_of_an_earlier_label_leave_with_the_next_build(tmp_path):
     """dist/ holds one label's set: after a label bump the next build drops this overlay's
-    wheels of the earlier label (and says so), and keeps other files and wheels."""
+    wheels of the earlier label that a build published there (and says so), and keeps other
+    files and wheels."""
     out = tmp_path / "dist"
     old_set(out)
     earlier = PLUGIN_WHEEL.replace(f"+{LOCK.label}-", "+moefix.0-")
-    (out / earlier).write_bytes(b"an earlier label's plugin")
+    add_published(out, earlier, b"an earlier label's plugin")
     result = run_build(*PLUGIN_ONLY, "--out-dir", str(out))
     assert result.returncode == 0, result.stderr
     assert f"dropped 1 wheel(s) of another label from {out}: {earlier}" in result.stderr
     assert set(published(out)) == {OLD_WHEEL, PLUGIN_WHEEL}
+
+
+def test_publishing_keeps_every_wheel_it_did_not_publish(tmp_path):
+    """Promise: a build removes only wheels this overlay published under an earlier label
+    (named as the lock's wheels are, listed in the SHA256SUMS a build wrote, unchanged since):
+    upstream's own wheels, this overlay's wheels of another release, and an earlier label's
+    wheel that no build published (or that changed since) stay."""
+    out = tmp_path / "dist"
+    old_set(out)
+    (cuda,) = LOCK.wheels(LOCK.pin, ["cuda"], ["x86_64"])
+    earlier = PLUGIN_WHEEL.replace(f"+{LOCK.label}-", "+moefix.0-")
+    kept = {
+        cuda.filename: b"upstream's wheel",  # vllm-0.19.1-cp38-abi3-...
+        f"vllm_moe_overlay-0.20.0+{LOCK.label}-py3-none-any.whl": b"another release's plugin",
+        f"vllm-{LOCK.pin}+mybuild.1-py3-none-any.whl": b"a local build of vllm",
+        earlier: b"copied in by hand, never published",
+    }
+    for name, data in kept.items():
+        (out / name).write_bytes(data)
+    changed = PLUGIN_WHEEL.replace(f"+{LOCK.label}-", "+moefix.1-")
+    add_published(out, changed, b"published")
+    (out / changed).write_bytes(b"changed since")
+    kept[changed] = b"changed since"
+    result = run_build(*PLUGIN_ONLY, "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "dropped" not in result.stderr
+    now = published(out)
+    assert set(now) == {OLD_WHEEL, PLUGIN_WHEEL, *kept}
+    for name, data in kept.items():
+        assert (out / name).read_bytes() == data
+
+
+@pytest.mark.parametrize("where", ["the cache", "its artifacts"])
+def test_out_dir_inside_the_cache_is_refused(tmp_path, where):
+    """Promise: an --out-dir that is the cache, or inside it, is refused like the cache
+    itself: one line, and every cached file stays."""
+    cache = linked_cache(tmp_path)
+    out = cache if where == "the cache" else cache / "artifacts"
+    before = {p: p.read_bytes() for p in (cache / "artifacts").iterdir()}
+    flags = ["--offline", "--flavour", "cpu", "--arch", "aarch64"]
+    line = one_error(run_build(*flags, "--cache-dir", str(cache), "--out-dir", str(out)))
+    assert f"--out-dir {out} is inside the artifact cache" in line
+    assert {p: p.read_bytes() for p in (cache / "artifacts").iterdir()} == before
+    assert sorted(p.name for p in cache.iterdir()) == ["artifacts"]
+
+
+def test_sigterm_after_publishing_still_says_what_was_written(tmp_path):
+    """Promise: SIGINT/SIGTERM end with exit 130 and one line saying whether the new set was
+    published, also when the signal comes once the build is done (while Python shuts down)."""
+    out = tmp_path / "out"
+    old_set(out)
+    proc = stopped_build(out, "finished")
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("build.sh: error: ")]
+    assert lines == [
+        f"build.sh: error: interrupted; 1 wheel(s) and SHA256SUMS were published into {out}; "
+        "the build had finished"
+    ], stderr
+    assert set(published(out)) == {OLD_WHEEL, PLUGIN_WHEEL}
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(n) for n in path.read_text().split()]
+    except OSError:
+        return []
+
+
+def test_killed_build_takes_its_children_and_the_next_cleans_tmpdir(tmp_path):
+    """Promise: nothing of a SIGKILLed build lives on: the plugin's setuptools child dies
+    with it, and the next build removes, and names, the directory it left in TMPDIR."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [str(REPO / "build.sh"), *PLUGIN_ONLY, "--out-dir", str(out)],
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    setuptools = None
+    while setuptools is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "setuptools never ran"
+        for child in children(proc.pid):
+            try:
+                if b"build_meta" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    setuptools = child
+            except OSError:
+                pass
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while (
+        Path(f"/proc/{setuptools}").exists()
+        and b"build_meta" in Path(f"/proc/{setuptools}/cmdline").read_bytes()
+    ):
+        assert time.monotonic() < deadline, f"setuptools (pid {setuptools}) outlived the killed build"
+        time.sleep(0.05)
+    (left,) = tmpdir.glob("vllm-moe-overlay-plugin-*")
+    assert list(left.glob("wheels/*.whl")) == [], "setuptools went on after the build was killed"
+    again = run_build(*PLUGIN_ONLY, "--out-dir", str(out), env={"TMPDIR": str(tmpdir)})
+    assert again.returncode == 0, again.stderr
+    assert f"removed {left} (" in again.stderr and "left by an interrupted build" in again.stderr
+    assert list(tmpdir.glob("vllm-moe-overlay-plugin-*")) == []
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -274,6 +391,73 @@ def test_cache_that_is_not_usable(tmp_path, case):
     assert bad.is_dir() if case == "wheel is a dir" else bad.read_text() == "x"
 
 
+def patch_adding_a_symlink(repo: Path) -> None:
+    text = MESSAGE + git_section(
+        f"diff --git a/{NEW_MODEL} b/{NEW_MODEL}\nnew file mode 120000\n--- /dev/null\n+++ b/{NEW_MODEL}",
+        "@@ -0,0 +1 @@\n+../../../../../etc/passwd\n\\ No newline at end of file",
+    )
+    (repo / "patches" / "0009-link.patch").write_text(text)
+    series = repo / "patches" / "series"
+    series.write_text(series.read_text() + "0009-link.patch\n")
+
+
+def overlay_symlink(repo: Path) -> None:
+    target = repo / "overlay" / QWEN3
+    target.rename(repo / "qwen3_moe.py")
+    target.symlink_to(repo / "qwen3_moe.py")
+
+
+def cache_kind(case: str):
+    def damage(repo: Path, cache: Path) -> None:
+        (artifact,) = LOCK.wheels(LOCK.pin, ["cpu"], ["aarch64"])
+        bad = {
+            "cache is a file": cache,
+            "artifacts is a file": cache / "artifacts",
+            "cached wheel is a dir": cache / "artifacts" / artifact.filename,
+        }[case]
+        bad.parent.mkdir(parents=True, exist_ok=True)
+        bad.mkdir() if case == "cached wheel is a dir" else bad.write_text("x")
+
+    return damage
+
+
+def with_cache(damage):
+    """A damaged checkout with a usable cache, so only the damage can refuse the build."""
+
+    def both(repo: Path, cache: Path) -> None:
+        linked_cache(cache.parent)
+        damage(repo)
+
+    return both
+
+
+REFUSALS = {
+    "symlink in overlay/": (with_cache(overlay_symlink), "is a symlink"),
+    "patch adds a symlink": (with_cache(patch_adding_a_symlink), "gives mode 120000"),
+    "cache is a file": (cache_kind("cache is a file"), "is not a directory"),
+    "artifacts is a file": (cache_kind("artifacts is a file"), "is not a directory"),
+    "cached wheel is a dir": (cache_kind("cached wheel is a dir"), "in the cache is not a file"),
+    "--offline, no cache": (lambda repo, cache: None, "is not in the cache"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals_write_nothing(tmp_path, case):
+    """Promise: bad input exits 1 with one line naming the cause, before any file is
+    written: no lock beside --out-dir, no staging directory, no cache directory made."""
+    repo = copy_repo(tmp_path / "repo")
+    cache = tmp_path / "cache"
+    damage, expected = REFUSALS[case]
+    damage(repo, cache)
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    out = tmp_path / "out"
+    flags = ["--offline", "--flavour", "cpu", "--arch", "aarch64"]
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    result = run_build(*flags, "--cache-dir", str(cache), "--out-dir", str(out), repo=repo, env=env)
+    assert expected in one_error(result)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
+
+
 # ---- the lock --------------------------------------------------------------------------
 
 
@@ -328,6 +512,18 @@ def test_bad_lock_is_refused_before_any_file_is_touched(tmp_path, case):
     assert expected in one_error(result)
     assert sorted(p.name for p in (cache / "artifacts").iterdir()) == before
     assert (tmp_path / "outside.whl").read_text() == "not the cache's"
+
+
+def test_lock_size_is_checked(tmp_path):
+    """Promise: every field of the lock is checked: a size that is not the size of the file
+    with the locked sha256 is refused in one line, and the cached file is kept."""
+    cache = linked_cache(tmp_path)
+    (cached,) = (cache / "artifacts").glob("*.whl")
+    size = cached.stat().st_size
+    lock = edited_lock(tmp_path, lambda raw: cpu_arm_entry(raw).update(size=size + 1))
+    line = one_error(run_build(*VERIFY_CPU, "--cache-dir", str(cache), "--lock", str(lock)))
+    assert f"it has {size} bytes and the lock says {size + 1}" in line
+    assert cached.stat().st_size == size
 
 
 def test_upper_case_sha256_is_the_same_hash(tmp_path):
@@ -466,6 +662,18 @@ def test_symlinked_overlay_dir_is_refused(tmp_path):
     (repo / "overlay" / "vllm").symlink_to(outside)
     result = run_build(*VERIFY_CPU, repo=repo)
     assert f"{repo / 'overlay' / 'vllm'} is a symlink" in one_error(result)
+
+
+def test_symlinked_patch_is_refused(tmp_path):
+    """Promise: the tools never read outside the checkout through a symlink: a patch in
+    patches/ that is a link is refused, not followed."""
+    repo = copy_repo(tmp_path / "repo")
+    patch = qwen3_patch(repo)
+    outside = tmp_path / patch.name
+    patch.rename(outside)
+    patch.symlink_to(outside)
+    result = run_build(*VERIFY_CPU, repo=repo)
+    assert f"{patch} is a symlink" in one_error(result)
 
 
 def test_upstream_status_with_an_empty_series(tmp_path):

@@ -313,12 +313,30 @@ def _renamed_file(queue: Path) -> str:
     return f"deletes {DEEPSEEK_FILE}: patches may change or add files, not delete or rename them"
 
 
-@pytest.mark.parametrize("damage", [_dirty, _unrelated_history, _deleted_file, _renamed_file])
+def _detached_behind(queue: Path) -> str:
+    git(queue, "checkout", "-q", "--detach", "HEAD~1")
+    return "HEAD is detached at commit"
+
+
+@pytest.mark.parametrize(
+    "damage", [_dirty, _unrelated_history, _deleted_file, _renamed_file, _detached_behind]
+)
 def test_export_refuses(repo, damage):
     before = state(repo)
     expected = damage(repo / ".patch-queue")
     assert expected in refused(export(repo), "patch-queue")
     assert state(repo) == before
+
+
+def test_export_of_a_detached_head_needs_the_flag(repo):
+    """Exporting a detached HEAD behind the branch drops the later patches: only on request."""
+    queue = repo / ".patch-queue"
+    git(queue, "checkout", "-q", "--detach", "HEAD~1")
+    error = refused(export(repo), "patch-queue")
+    assert "1 commit(s) behind patches" in error and "--detached" in error
+    result = run_script(repo, "patch-queue", "export", "--offline", "--detached")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in patching.series(repo / "patches")] == NAMES[:-1]
 
 
 def test_import_refuses_to_overwrite_a_queue(repo):

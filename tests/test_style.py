@@ -16,7 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.fast
 @pytest.mark.parametrize("command", [["format", "--check"], ["check"]], ids=["format", "lint"])
 def test_ruff(command):
-    # The tools environment's Python: tests/run exports it as PYTHON for the full run.
+    # The build environment's Python with the test tools (tests/run exports both).
     python = os.environ.get("PYTHON", sys.executable)
-    result = subprocess.run([python, "-m", "ruff", *command, "."], cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.environ.get("VLLM_OVERLAY_TEST_TOOLS", "")}
+    result = subprocess.run(
+        [python, "-m", "ruff", *command, "."], cwd=REPO, capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import fetch, lock, patching, plugin_wheel, publish, rewheel, sources
@@ -20,6 +22,7 @@ PLUGIN = "plugin"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
+        allow_abbrev=False,  # buildenv reads --cache-dir and --offline by their full names
         description="Build vLLM wheels patched with the overlay's backported MoE fixes. "
         "Fetches the upstream wheels listed in the lock through pip (your index, proxy "
         "and certificate settings apply), verifies their sha256, applies patches/ to "
@@ -62,12 +65,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, through the cleanup of the staged wheels.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     staged: list[publish.Staging] = []
-    return run(PROG, lambda: build(args, staged), lambda: _written(args, staged))
+
+    def action() -> None:
+        try:
+            build(args, staged)
+        finally:
+            # From here a signal would meet the interpreter's shutdown (its default action,
+            # no line): hold it, and report it below.
+            signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+
+    status = run(PROG, action, lambda: _written(args, staged))
+    publish.checkpoint("finished")
+    if status == 0 and INTERRUPTS & signal.sigpending():
+        print(f"{PROG}: error: interrupted; {_written(args, staged)}", file=sys.stderr)
+        return 130
+    return status
 
 
 def _written(args: argparse.Namespace, staged: list[publish.Staging]) -> str:
@@ -75,10 +95,10 @@ def _written(args: argparse.Namespace, staged: list[publish.Staging]) -> str:
     if args.verify_only:
         return "nothing was written"
     if staged and staged[0].published:
-        return (
-            f"{staged[0].published} wheel(s) and SHA256SUMS were published into "
-            f"{staged[0].out}; only removing the previous set was cut short"
+        rest = (
+            "the build had finished" if staged[0].finished else "only removing the previous set was cut short"
         )
+        return f"{staged[0].published} wheel(s) and SHA256SUMS were published into {staged[0].out}; {rest}"
     return f"no wheel was written; {args.out_dir} is unchanged"
 
 
@@ -103,15 +123,27 @@ def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
             plugin_wheel.module_name(member)
         if not args.verify_only:
             plugin_wheel.check_backend()
-    plugin_inputs = plugin_wheel.Inputs()
     cache = args.cache_dir or fetch.default_cache_dir()
+    # Everything that can be checked before a file is written: refusals write nothing.
+    patching.overlay_files()  # refuses a symlink there
+    fetch.check_cache(cache, artifacts, args.offline)
+    if not args.verify_only:
+        publish.check_out(args.out_dir, cache)
+    _announce_downloads(artifacts, cache, args.offline)
+    plugin_inputs = plugin_wheel.Inputs()
     publish.checkpoint("before-staging")
 
     with contextlib.ExitStack() as cleanup:
         staging = None
-        if not args.verify_only:
-            staging = cleanup.enter_context(publish.Staging(args.out_dir))
-            staged.append(staging)
+
+        def staging_dir() -> Path:
+            """The staging directory, taken once the first wheel is to be written."""
+            nonlocal staging
+            if staging is None:
+                staging = cleanup.enter_context(publish.Staging(args.out_dir))
+                staged.append(staging)
+            return staging.path
+
         built = {}
         for n, artifact in enumerate(artifacts, 1):
             log(f"[{n}/{len(artifacts)}] {artifact.filename}")
@@ -121,37 +153,57 @@ def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
                 log(f"  sha256 ok; {len(patches)} patches apply; overlay matches")
                 if plugin:
                     plugin_inputs.add(artifact.filename, source, pristine, patched)
-                if staging is None or artifact.flavour not in flavours:
+                if args.verify_only or artifact.flavour not in flavours:
                     continue
                 name = rewheel.patched_filename(locked, artifact, version)
                 new_version = locked.patched_version(version, artifact.flavour)
-                rewheel.rewrite(source, staging.path / name, "vllm", new_version, version, patched)
-                built[name] = _sha256(staging.path / name)
+                rewheel.rewrite(source, staging_dir() / name, "vllm", new_version, version, patched)
+                built[name] = _sha256(staging_dir() / name)
                 log(f"  wrote {name}")
                 publish.checkpoint("staging")
-        if plugin and staging is None:  # the plugin's files: pristine + the patches it carries
+        if plugin and args.verify_only:  # the plugin's files: pristine + the patches it carries
             plugin_wheel.served_files(plugin_inputs.pristine, patches)
-        if plugin and staging is not None:
+        if plugin and not args.verify_only:
             plugin_version = locked.patched_version(version, PLUGIN)
             name = plugin_wheel.filename(plugin_version)
-            plugin_wheel.write(staging.path / name, plugin_version, locked.label, patches, plugin_inputs)
-            built[name] = _sha256(staging.path / name)
+            plugin_wheel.write(staging_dir() / name, plugin_version, locked.label, patches, plugin_inputs)
+            built[name] = _sha256(staging_dir() / name)
             log(f"  wrote {name}")
             publish.checkpoint("staging")
         if staging is not None:
-            staging.publish(built, _label_wheels(locked))
+            staging.publish(built, _earlier_label(locked))
     if args.verify_only:
         log(f"{len(artifacts)} upstream wheel(s) verified in {time.monotonic() - started:.1f} s")
     else:
         log(f"{len(built)} wheel(s) built into {args.out_dir} in {time.monotonic() - started:.1f} s")
 
 
-def _label_wheels(locked: lock.Lock) -> set[str]:
-    """Every wheel name the lock's current label gives: the set dist/ holds."""
-    names = {plugin_wheel.filename(locked.patched_version(v, PLUGIN)) for v in locked.releases}
+def _announce_downloads(artifacts: list[lock.Artifact], cache: Path, offline: bool) -> None:
+    """Say up front what the build fetches from the package index, and how much."""
+    missing = [a for a in artifacts if not (cache / "artifacts" / a.filename).is_file()]
+    if missing and not offline:
+        size = sum(a.size for a in missing) / 1e6
+        log(
+            f"{len(missing)} upstream wheel(s) ({size:,.0f} MB) are not in the cache {cache}: "
+            "fetching them from the package index with pip (its progress below)"
+        )
+
+
+def _earlier_label(locked: lock.Lock) -> Callable[[str], bool]:
+    """Whether a file name is one of this overlay's wheels of the lock's releases under a
+    label other than the current one (what publish may drop)."""
+    sentinel = lock.Lock(locked.pin, "LABEL", locked.releases)
+    names = {plugin_wheel.filename(sentinel.patched_version(v, PLUGIN)) for v in locked.releases}
     for version, artifacts in locked.releases.items():
-        names |= {rewheel.patched_filename(locked, a, version) for a in artifacts if a.is_wheel}
-    return names
+        names |= {rewheel.patched_filename(sentinel, a, version) for a in artifacts if a.is_wheel}
+    label = r"[a-z0-9]+(?:\.[a-z0-9]+)*"
+    pattern = re.compile("|".join(re.escape(n).replace("LABEL", f"({label})") for n in sorted(names)))
+
+    def earlier(name: str) -> bool:
+        found = pattern.fullmatch(name)
+        return bool(found) and next(g for g in found.groups() if g is not None) != locked.label
+
+    return earlier
 
 
 def _sha256(path: Path) -> str:

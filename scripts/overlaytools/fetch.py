@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import os
@@ -15,28 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from . import lifetime
+from .buildenv import add_cache_options, default_cache_dir  # noqa: F401 - the tools' cache options
 from .errors import OverlayError
 from .lock import Artifact
 
 CHUNK = 8 << 20
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("VLLM_OVERLAY_CACHE"):
-        return Path(os.environ["VLLM_OVERLAY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vllm-moe-overlay"
-
-
-def add_cache_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="download cache shared by the tools [$VLLM_OVERLAY_CACHE or ~/.cache/vllm-moe-overlay]",
-    )
-    parser.add_argument("--offline", action="store_true", help="use only the cache; never run pip download")
 
 
 def pip_failure(result: subprocess.CompletedProcess) -> str:
@@ -69,27 +52,46 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_cache(cache_dir: Path, artifacts: list[Artifact], offline: bool) -> None:
+    """Refuse, before anything is written, a cache or cached file of the wrong kind, and
+    under --offline a missing one."""
+    store = cache_dir / "artifacts"
+    for folder in (cache_dir, store):
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise OverlayError(f"cache {folder} is not a directory")
+    for artifact in artifacts:
+        path = store / artifact.filename
+        if os.path.lexists(path) and not path.is_file():
+            raise OverlayError(f"{path} in the cache is not a file: remove it")
+        if offline and not path.is_file():
+            raise OverlayError(f"{artifact.filename} is not in the cache {store} (--offline)")
+
+
 def open_verified(artifact: Artifact, version: str, cache_dir: Path, offline: bool) -> BinaryIO:
-    """An open handle on the cached artifact, fetched if absent and checked by sha256.
+    """An open handle on the cached artifact, fetched if absent and checked by size and
+    sha256.
 
     The caller reads from this handle only, so a later change to the cache
     file cannot alter what was verified. A cached file that fails the check is
     left alone (a wrong lock must not cost a good file): a verified download
     replaces it, and a failed download is discarded.
     """
-    store = _store(cache_dir)
+    check_cache(cache_dir, [artifact], offline)
+    store = cache_dir / "artifacts"
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OverlayError(f"cannot create the cache {store}: {exc.strerror}") from None
     path = store / artifact.filename
     with _locked(store / f".{artifact.filename}.lock"):
         _remove_stale_fetches(store, artifact.filename)
         if os.path.lexists(path):
-            if not path.is_file():
-                raise OverlayError(f"{path} in the cache is not a file: remove it")
+            check_cache(cache_dir, [artifact], offline)
             handle = open(path, "rb")
-            actual = sha256_of(handle)
-            if actual == artifact.sha256:
+            mismatch = _mismatch(handle, artifact, f"{path}:")
+            if mismatch is None:
                 return handle
             handle.close()
-            mismatch = f"{path}: sha256 {actual} does not match {artifact.hash_from}'s {artifact.sha256}"
             if offline:
                 raise OverlayError(
                     f"{mismatch}; not used and kept (--offline): run without "
@@ -101,17 +103,20 @@ def open_verified(artifact: Artifact, version: str, cache_dir: Path, offline: bo
         return _download(artifact, version, store)
 
 
-def _store(cache_dir: Path) -> Path:
-    """The cache's artifacts directory, created if absent."""
-    store = cache_dir / "artifacts"
-    for folder in (cache_dir, store):
-        if folder.exists() and not folder.is_dir():
-            raise OverlayError(f"cache {folder} is not a directory")
-    try:
-        store.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OverlayError(f"cannot create the cache {store}: {exc.strerror}") from None
-    return store
+def _mismatch(handle: BinaryIO, artifact: Artifact, what: str) -> str | None:
+    """Why the open file is not the artifact the lock names, or None; refuses a lock whose
+    size (0: unknown) disagrees with the file of its sha256."""
+    actual = sha256_of(handle)
+    if actual != artifact.sha256:
+        return f"{what} sha256 {actual} does not match {artifact.hash_from}'s {artifact.sha256}"
+    size = os.fstat(handle.fileno()).st_size
+    if artifact.size and size != artifact.size:
+        handle.close()
+        raise OverlayError(
+            f"{what} sha256 matches, but it has {size} bytes and {artifact.hash_from} says "
+            f"{artifact.size}: correct the lock's size"
+        )
+    return None
 
 
 def _fetch_prefix(filename: str) -> str:
@@ -149,7 +154,9 @@ def _download(artifact: Artifact, version: str, store: Path) -> BinaryIO:
             *artifact.pip_target(),
             f"{artifact.project}=={version}",
         ]
-        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(
+            cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, preexec_fn=lifetime.die_with_parent()
+        )
         if result.returncode != 0:
             raise OverlayError(f"pip could not download {artifact.filename}: {pip_failure(result)}")
         fetched = Path(tmp) / artifact.filename
@@ -157,13 +164,10 @@ def _download(artifact: Artifact, version: str, store: Path) -> BinaryIO:
             got = ", ".join(sorted(os.listdir(tmp))) or "nothing"
             raise OverlayError(f"pip download gave {got}, not {artifact.filename}")
         handle = open(fetched, "rb")
-        actual = sha256_of(handle)
-        if actual != artifact.sha256:
+        mismatch = _mismatch(handle, artifact, f"downloaded {artifact.filename}:")
+        if mismatch is not None:
             handle.close()
-            raise OverlayError(
-                f"downloaded {artifact.filename}: sha256 {actual} does not match "
-                f"{artifact.hash_from}'s {artifact.sha256}; discarded the download"
-            )
+            raise OverlayError(f"{mismatch}; discarded the download")
         os.replace(fetched, store / artifact.filename)  # the handle follows the file
     log(f"  fetched {artifact.filename} in {time.monotonic() - started:.1f} s")
     return handle

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
+from .buildenv import REPO
 from .errors import OverlayError
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_LOCK = REPO / "upstream.lock.json"
 FLAVOURS = ("cuda", "cpu")
 ARCHES = ("x86_64", "aarch64")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import lifetime
 from .errors import OverlayError
 from .lock import REPO
 
@@ -27,6 +28,10 @@ _ORIGIN = re.compile(r"^Origin: *(\S.*)$", re.M)
 def series(patches_dir: Path = PATCHES) -> list[Path]:
     """The patches in the order `patches/series` lists them."""
     listing = patches_dir / "series"
+    links = [patches_dir] if patches_dir.is_symlink() else []
+    links += sorted(p for p in patches_dir.iterdir() if p.is_symlink()) if patches_dir.is_dir() else []
+    if links:
+        raise OverlayError(f"{links[0]} is a symlink; patches/ holds plain files only")
     try:
         text = listing.read_text()
     except OSError as exc:
@@ -93,6 +98,10 @@ _REFUSED_HEADERS = {
 }
 
 
+# Modes a file a patch adds may have: regular files (a symlink is 120000, a submodule 160000).
+_FILE_MODES = ("100644", "100755")
+
+
 def target_problem(path: str) -> str | None:
     """Why a patch may not change repository-relative `path`, or None."""
     parts = path.split("/")
@@ -151,6 +160,8 @@ def check_format(patch: Path) -> None:
             old, new = (int(n) if n is not None else 1 for n in hunk.groups())
         elif current is not None:
             verb = next((v for h, v in _REFUSED_HEADERS.items() if line.startswith(h)), None)
+            if line.startswith(("new file mode ", "new mode ")) and line.split()[-1] not in _FILE_MODES:
+                verb = f"gives mode {line.split()[-1]} (a symlink or submodule) to"
             if verb:
                 raise OverlayError(f"{patch.name} {verb} {current}: patches may only change or add files")
     if not sections:
@@ -244,6 +255,7 @@ def _git_apply(root: Path, env: dict[str, str], patch: Path, *flags: str):
         env=env,
         capture_output=True,
         text=True,
+        preexec_fn=lifetime.die_with_parent(),
     )
 
 

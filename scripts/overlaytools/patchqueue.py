@@ -62,6 +62,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             sub.add_argument(
                 "--force", action="store_true", help="replace an existing queue (its commits are lost)"
             )
+        if name == "export":
+            sub.add_argument(
+                "--detached",
+                action="store_true",
+                help=f"export a detached HEAD that is not {BRANCH}'s tip (its later patches leave patches/)",
+            )
         fetch.add_cache_options(sub)
     return parser.parse_args(argv)
 
@@ -129,6 +135,8 @@ def import_queue(args: argparse.Namespace) -> None:
 def export_queue(args: argparse.Namespace) -> None:
     locked = lock.load()
     git = _queue(args.dir, locked)
+    if not args.detached:
+        _refuse_detached(git, args.dir)
     commits = git.out("rev-list", "--reverse", f"{UPSTREAM}..HEAD").split()
     if not commits:
         raise OverlayError(f"{args.dir} has no commits on top of {UPSTREAM}: nothing to export")
@@ -243,6 +251,25 @@ def _queue(path: Path, locked: lock.Lock) -> gitrepo.Git:
             f"be linear (git rebase {UPSTREAM})"
         )
     return git
+
+
+def _refuse_detached(git: gitrepo.Git, path: Path) -> None:
+    """Export writes upstream..HEAD: from a detached HEAD behind the branch, that silently
+    drops the branch's later patches (and their overlays) from the checkout."""
+    if git("symbolic-ref", "-q", "HEAD", check=False).returncode == 0:
+        return  # on a branch
+    head = git.out("rev-parse", "HEAD").strip()
+    tip = git("rev-parse", "-q", "--verify", f"refs/heads/{BRANCH}", check=False).stdout.strip()
+    if head == tip:
+        return
+    behind = (
+        f", {git.out('rev-list', '--count', f'HEAD..{tip}').strip()} commit(s) behind {BRANCH}" if tip else ""
+    )
+    raise OverlayError(
+        f"{path}: HEAD is detached at {_describe(git, head)}{behind}; export writes "
+        f"{UPSTREAM}..HEAD, so the patches after it would leave patches/: check out {BRANCH} "
+        "(git switch), or pass --detached to export HEAD as it is"
+    )
 
 
 def _check_commit(git: gitrepo.Git, commit: str) -> None:

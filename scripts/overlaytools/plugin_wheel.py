@@ -3,7 +3,7 @@ patched files and a manifest, then built by setuptools through its PEP 517 hook.
 
 Reproducible: every member gets the timestamp of SOURCE_DATE_EPOCH and mode 644
 whatever the umask, and nothing names the staging directory; the bytes depend only
-on the inputs and the setuptools version.
+on the inputs and the setuptools version, which build-requirements.txt pins.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from packaging.requirements import Requirement
 
-from . import gitrepo, patching, rewheel
+from . import gitrepo, lifetime, patching, rewheel
+from .buildenv import REQUIREMENTS
 from .errors import OverlayError
 from .lock import REPO
 
@@ -174,8 +174,8 @@ def setuptools_requirement() -> Requirement:
 
 
 def check_backend() -> None:
-    """Refuse up front a Python whose setuptools cannot build the plugin wheel (offline too:
-    the build uses the installed setuptools, it never fetches one)."""
+    """Refuse up front a setuptools that cannot build the plugin wheel: the build
+    environment's is build-requirements.txt's pin, which pyproject.toml must accept."""
     needed = setuptools_requirement()
     try:
         found = importlib.metadata.version(needed.name)
@@ -183,8 +183,8 @@ def check_backend() -> None:
         found = None
     if found is None or not needed.specifier.contains(found, prereleases=True):
         raise OverlayError(
-            f"the plugin wheel needs {needed} for {sys.executable} (found "
-            f"{found or 'none'}): {sys.executable} -m pip install '{needed}'"
+            f"the plugin wheel needs {needed} ({PROJECT.name}/pyproject.toml), but {sys.executable} "
+            f"has setuptools {found or 'none'}: pin one it accepts in {REQUIREMENTS.name}"
         )
 
 
@@ -200,8 +200,8 @@ def write(out: Path, version: str, label: str, patches: list[Path], inputs: Inpu
         ),
         **{f"{PACKAGE}/files/{path}": data for path, data in served.items()},
     }
-    with tempfile.TemporaryDirectory(prefix="vllm-moe-overlay-plugin-") as tmp:
-        source, wheels = Path(tmp) / "plugin", Path(tmp) / "wheels"
+    with lifetime.scratch_dir("vllm-moe-overlay-plugin-") as tmp:
+        source, wheels = tmp / "plugin", tmp / "wheels"
         for name, data in staged.items():
             path = source / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +214,7 @@ def write(out: Path, version: str, label: str, patches: list[Path], inputs: Inpu
             text=True,
             env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
             umask=0o022,  # the mode of the dist-info files setuptools writes
+            preexec_fn=lifetime.die_with_parent(),
         )
         if result.returncode != 0:
             said = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]

@@ -5,10 +5,10 @@ For an output directory OUT (dist/ by default), beside it in the same parent:
   .OUT.staging-XXXX/  one per running build, flock'ed by that build while it lives.
 
 A build writes its wheels into its staging directory. To publish, under the
-lock, it hard-links there every other file of OUT (the wheels of the current label it did not
-rebuild), writes SHA256SUMS for exactly the staged wheels, and then swaps the
-two directories with one renameat2(RENAME_EXCHANGE) call. Until that call OUT
-is the old directory, after it the new one; no instant shows a mix, so a kill
+lock, it hard-links there every other file of OUT (the wheels it did not rebuild, except those
+this overlay published under an earlier label), writes SHA256SUMS for exactly the staged
+wheels, and then swaps the two directories with one renameat2(RENAME_EXCHANGE) call. Until
+that call OUT is the old directory, after it the new one; no instant shows a mix, so a kill
 anywhere leaves OUT holding the old set or the new one, each with its own
 SHA256SUMS. The old set, now at the staging path, is deleted last. A staging
 directory nobody holds the flock of was left by a killed build: the next build
@@ -24,15 +24,17 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import lifetime
 from .errors import OverlayError
 from .fetch import log, sha256_of
 
 SUMS = "SHA256SUMS"
 # Test hook: the build stops itself (SIGSTOP) at the stage this names, so a test
-# can signal it there: before-staging, staging, staged or published.
+# can signal it there: before-staging, staging, staged, published or finished (all done).
 STOP_AT_ENV = "VLLM_OVERLAY_STOP_AT"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -45,24 +47,48 @@ def checkpoint(stage: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
+def target(out: Path) -> Path:
+    """The directory a build publishes into: `out` made absolute, or where a symlink
+    `out` points (the link is kept)."""
+    out = Path(os.path.abspath(out))
+    return out.resolve() if out.is_symlink() else out
+
+
+def check_out(out: Path, cache: Path) -> None:
+    """Refuse, before anything is written, an output directory the build cannot use: not a
+    directory, not writable, or the artifact cache or a folder in it (publishing replaces
+    the directory whole and removes wheels from it)."""
+    out = target(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise OverlayError(f"--out-dir {out} exists and is not a directory")
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise OverlayError(f"--out-dir {out} is not writable")
+    parent = out.parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OverlayError(f"cannot stage beside --out-dir {out}: {parent} is not a writable directory")
+    cache = Path(os.path.realpath(cache))
+    real = Path(os.path.realpath(out))
+    if real == cache or cache in real.parents:
+        raise OverlayError(
+            f"--out-dir {out} is inside the artifact cache {cache}: choose a directory outside it"
+        )
+
+
 class Staging:
     """A build's staging directory beside `out`, and its publication."""
 
     def __init__(self, out: Path) -> None:
-        self.out = Path(os.path.abspath(out))
-        if self.out.is_symlink():  # publish where it points, keeping the link
-            self.out = self.out.resolve()
+        self.out = target(out)
         self.lock = self.out.with_name(f".{self.out.name}.lock")
         self.prefix = f".{self.out.name}.staging-"
         self.published = 0  # wheels in OUT from this build, once swapped in
+        self.finished = False  # and the old set removed
         self.path: Path | None = None
         self._fd: int | None = None
 
     def __enter__(self) -> Staging:
-        if self.out.exists() and not self.out.is_dir():
-            raise OverlayError(f"--out-dir {self.out} exists and is not a directory")
-        if self.out.is_dir() and not os.access(self.out, os.W_OK):
-            raise OverlayError(f"--out-dir {self.out} is not writable")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
@@ -91,28 +117,16 @@ class Staging:
         stale = list(self.out.parent.glob(self.prefix + "*"))
         if self.out.is_dir():
             stale += [p for p in self.out.glob(_OLD_STAGING + "*") if p.is_dir()]
-        for path in stale:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a running build's
-            finally:
-                os.close(fd)
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            shutil.rmtree(path, ignore_errors=True)
-            log(f"removed {path} ({size / 1e6:.0f} MB), left by an interrupted build")
+        lifetime.remove_unheld(stale)
 
-    def publish(self, built: dict[str, str], current: set[str]) -> None:
+    def publish(self, built: dict[str, str], earlier: Callable[[str], bool]) -> None:
         """Swap in OUT's files plus the `built` wheels (name -> sha256) with their SHA256SUMS.
-        OUT's other wheels of the distributions in `current` stay only if `current` names
-        them: an earlier label's do not. Wheels of other distributions stay."""
-        ours = {name.split("-", 1)[0] for name in current}
+        A wheel of OUT is dropped only if this overlay published it under an earlier label:
+        `earlier` accepts its name, and OUT's SHA256SUMS (which a build wrote) lists it with
+        the sha256 it still has. Every other file stays."""
         with self._locked():
             sums = dict(built)
+            listed = _listed(self.out / SUMS)
             dropped = []
             for entry in sorted(os.scandir(self.out), key=lambda e: e.name) if self.out.is_dir() else []:
                 if entry.name in built or entry.name in (SUMS, ".lock"):
@@ -124,13 +138,16 @@ class Staging:
                         f"{entry.path} is not a regular file; the build replaces "
                         f"{self.out} whole, so move it elsewhere"
                     )
-                if entry.name.split("-", 1)[0] in ours and entry.name not in current:
+                digest = None
+                if entry.name.endswith(".whl"):
+                    with open(entry.path, "rb") as handle:
+                        digest = sha256_of(handle)
+                if digest is not None and earlier(entry.name) and listed.get(entry.name) == digest:
                     dropped.append(entry.name)
                     continue
                 _link_or_copy(Path(entry.path), self.path / entry.name)
-                if entry.name.endswith(".whl"):
-                    with open(entry.path, "rb") as handle:
-                        sums[entry.name] = sha256_of(handle)
+                if digest is not None:
+                    sums[entry.name] = digest
             (self.path / SUMS).write_text("".join(f"{sums[n]}  {n}\n" for n in sorted(sums)))
             mode = self.out.stat().st_mode if self.out.is_dir() else 0o777 & ~_umask()
             os.chmod(self.path, mode & 0o7777)  # mkdtemp made it 0700
@@ -152,6 +169,16 @@ class Staging:
             if self.path is not None:  # the old set
                 shutil.rmtree(self.path, ignore_errors=True)
                 self.path = None
+            self.finished = True
+
+
+def _listed(sums: Path) -> dict[str, str]:
+    """name -> sha256 of a SHA256SUMS file (none if absent or unreadable)."""
+    try:
+        lines = sums.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {name: digest for digest, _, name in (ln.partition("  ") for ln in lines) if name}
 
 
 def _umask() -> int:
