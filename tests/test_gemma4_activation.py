@@ -12,9 +12,10 @@ SGLFusedMOE accept only the activations of _CPU_MOE_ACT_FN (silu, swigluoai),
 so Gemma4MoE.forward stops on every CPU kernel path, pristine and patched
 alike (upstream issue #43326). The forward test skips there, saying so.
 
-The fix changes the fused-MoE modules, which the plugin cannot carry (it serves only
-model files): on pristine vLLM + the plugin these tests expect the bug, as the
-plugin's manifest says (series_helpers.fixes_of).
+The fix changes the fused-MoE modules too. The plugin carries it (its startup hook
+serves those modules from the first import of vllm, before this module imports them):
+on pristine vLLM + the plugin these tests expect tanh GELU, with VLLM_PLUGINS=none
+exact GELU, as series_helpers.fixes_of says.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def test_experts_activation_is_tanh_gelu(gemma4):
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_experts_activation_matches_the_tanh_reference(gemma4, tokens):
     """apply_moe_activation with the layer's own activation, on w13-shaped outputs in
-    float32: the build matches tanh GELU; pristine (with or without the plugin) matches
-    exact GELU, not tanh."""
+    float32: the build (and the plugin) matches tanh GELU; pristine (and the plugin
+    turned off) matches exact GELU, not tanh."""
     moe, _, expect_bug, width = gemma4
     gate_up = 2 * torch.randn(tokens, 2 * width, generator=torch.Generator().manual_seed(tokens))
     out = torch.empty(tokens, width)
