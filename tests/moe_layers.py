@@ -221,7 +221,9 @@ def load_with_plugin(name: str, on: bool = True) -> ModuleType:
         expected = plugin.FILES / entry["path"] if on else package.parent / entry["path"]
         if origin != expected:
             state = "not active" if on else "not turned off"
-            raise AssertionError(f"{entry['module']} comes from {origin}, not {expected}: the plugin is {state}")
+            raise AssertionError(
+                f"{entry['module']} comes from {origin}, not {expected}: the plugin is {state}"
+            )
     return module
 
 

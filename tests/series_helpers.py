@@ -41,9 +41,9 @@ MODULES = {module_name(rel): rel for rel in FILES}
 
 def fixes_of(variant: str) -> set[str]:
     """The names of the patches whose fixes a test variant has: none on pristine 0.19.1
-    (with or without the plugin turned off), the whole series on the patched build, and with pristine + the plugin those that the
-    plugin imported in this process lists as carried (the whole series: test_plugin.py
-    checks it)."""
+    (with or without the plugin turned off), the whole series on the patched build, and
+    with pristine + the plugin those that the plugin imported in this process lists as
+    carried (the whole series: test_plugin.py checks it)."""
     if variant in ("pristine", "plugin-off"):  # plugin-off: VLLM_PLUGINS leaves it out
         return set()
     if variant == "patched":

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import packaging
 import pytest
@@ -43,8 +43,8 @@ from plugin_helpers import (
     PLUGIN_VERSION,
     PLUGIN_WHEEL,
     installed_plugin,
-    pristine_artifact,
     plugin_site,
+    pristine_artifact,
     pristine_plugin_env,
     pristine_plugin_path,
     pristine_vllm,

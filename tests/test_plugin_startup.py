@@ -144,10 +144,10 @@ FAULTS = {
     "hook-does-not-parse": (hook_does_not_parse, False),  # not even the one line: no hook
     "hook-gone": (hook_is_gone, False),
 }
-IMPORT_VLLM = (
-    "import importlib.util, json, vllm; "
-    "print(json.dumps({m: importlib.util.find_spec(m).origin for m in json.loads(__import__('sys').argv[1])}))"
-)
+IMPORT_VLLM = """
+import importlib.util, json, sys, vllm
+print(json.dumps({m: importlib.util.find_spec(m).origin for m in json.loads(sys.argv[1])}))
+"""
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -155,7 +155,10 @@ def test_a_fault_leaves_python_running_unchanged_with_at_most_one_line(plugin_co
     damage, says = FAULTS[fault]
     damage(plugin_copy)
     env, python = plugin_env(plugin_copy), str(VENV / "bin/python")
-    for command in ([python, "-c", "pass"], [python, "-m", "pip", "--disable-pip-version-check", "--version"]):
+    for command in (
+        [python, "-c", "pass"],
+        [python, "-m", "pip", "--disable-pip-version-check", "--version"],
+    ):
         result = run(command, env)
         assert (result.returncode, result.stderr) == (0, ""), (command, result.stderr)
     result = run([python, "-c", IMPORT_VLLM, json.dumps(list(TARGETS))], env)

@@ -5,7 +5,6 @@ lowest and the highest claimed Python must give the very bytes of the default on
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import packaging
