@@ -104,3 +104,21 @@ def assert_record_complete(zf: zipfile.ZipFile) -> None:
         expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
         assert (digest, int(size)) == (f"sha256={expected}", len(data)), path
     assert zf.testzip() is None  # every member's CRC
+
+
+def interpreter(version: str) -> str | None:
+    """python<version> on PATH, or the newest pyenv install of it; None if neither runs."""
+    candidates = [f"python{version}"]
+    if shutil.which("pyenv"):
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+        bare = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout
+        installs = [v for v in bare.split() if v.startswith(f"{version}.") and v.count(".") == 2]
+        installs.sort(key=lambda v: int(v.rsplit(".", 1)[1]))
+        candidates += [str(Path(root, "versions", v, "bin", f"python{version}")) for v in reversed(installs)]
+    for candidate in candidates:
+        found = shutil.which(candidate)
+        if found and subprocess.run(
+            [found, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+        ).stdout.strip() == str(tuple(int(n) for n in version.split("."))):
+            return found
+    return None

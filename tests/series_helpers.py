@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from build_helpers import REPO
-from overlaytools import patching, plugin_wheel
+from overlaytools import patching
 
 PATCHES = patching.series(REPO / "patches")
 FILES = patching.touched_files(PATCHES)  # every file the series changes or adds
@@ -34,18 +34,6 @@ def module_name(path: str) -> str:
 MODULES = {module_name(rel): rel for rel in FILES}
 
 
-def plugin_carries(patch: Path) -> bool:
-    """The rule (plugin_wheel.SERVABLE): the plugin carries a patch only if every file it
-    changes or adds is one that vLLM imports after its general plugins."""
-    return all(rel.startswith(plugin_wheel.SERVABLE) for rel in files_of(patch))
-
-
-CARRIED = [p for p in PATCHES if plugin_carries(p)]  # what the plugin wheel must carry
-NOT_CARRIED = [p for p in PATCHES if not plugin_carries(p)]
-SERVED = patching.touched_files(CARRIED)  # the files the plugin serves
-SERVED_MODULES = {module_name(rel): rel for rel in SERVED}
-
-
 # The patch that gives Gemma4's experts tanh GELU: the one that changes the fused-MoE
 # activation module.
 (GELU_FIX,) = [p for p in PATCHES if "vllm/model_executor/layers/fused_moe/activation.py" in files_of(p)]
@@ -57,10 +45,11 @@ SERVED_MODULES = {module_name(rel): rel for rel in SERVED}
 
 
 def fixes_of(variant: str) -> set[str]:
-    """The names of the patches whose fixes a test variant has: none on pristine 0.19.1,
-    the whole series on the patched build, and with pristine + the plugin those that the
-    plugin imported in this process lists as carried."""
-    if variant == "pristine":
+    """The names of the patches whose fixes a test variant has: none on pristine 0.19.1
+    (with or without the plugin turned off), the whole series on the patched build, and
+    with pristine + the plugin those that the plugin imported in this process lists as
+    carried (the whole series: test_plugin.py checks it)."""
+    if variant in ("pristine", "plugin-off"):  # plugin-off: VLLM_PLUGINS leaves it out
         return set()
     if variant == "patched":
         return {p.name for p in PATCHES}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from build_helpers import LOCK, REPO, cache_dir, copy_repo, run_build, run_script
 from plugin_helpers import PLUGIN_WHEEL as PLUGIN_WHEEL_PATH
-from plugin_helpers import installed_plugin, pristine_vllm
+from plugin_helpers import installed_plugin, plugin_site, pristine_vllm
 from serve_helpers import VENV
 
 PLUGIN_ONLY = ["--flavour", "plugin", "--arch", "x86_64", "--offline"]
@@ -718,18 +718,35 @@ print("ORIGIN", importlib.util.find_spec("vllm.model_executor.models.qwen3_moe")
 """
 
 
+HOOK_LINE = "vllm-moe-overlay: startup hook: nothing served: "
+HOOK = [True, False]  # the plugin's folder read as a site directory (its .pth runs), or not
+HOOK_IDS = ["startup-hook", "entry-point-only"]
+
+
+def plugin_path(plugin: Path, hook: bool) -> str:
+    return f"{pristine_vllm()}{os.pathsep}{plugin_site(plugin) if hook else plugin}"
+
+
+def assert_hook_said_once(stderr: str, hook: bool, cause: str) -> None:
+    """With the startup hook, its one stderr line naming the cause; without, none."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith(HOOK_LINE)]
+    assert len(lines) == (1 if hook else 0) and all(cause in ln for ln in lines), stderr
+
+
+@pytest.mark.parametrize("hook", HOOK, ids=HOOK_IDS)
 @pytest.mark.parametrize("case", MANIFEST_CASES)
-def test_corrupted_manifest_never_takes_vllm_down(tmp_path, case):
+def test_corrupted_manifest_never_takes_vllm_down(tmp_path, case, hook):
     """Promise: the plugin can never take vLLM down: a manifest it cannot validate is
-    refused with one ERROR naming the cause, nothing is applied, and the check command
-    says NOT fixed (exit 1) without a traceback."""
+    refused with one ERROR naming the cause (and the startup hook's one stderr line),
+    nothing is applied, and the check command says NOT fixed (exit 1) without a
+    traceback."""
     plugin = tmp_path / "plugin"
     shutil.copytree(installed_plugin(), plugin)
     manifest = plugin / "vllm_moe_overlay" / "manifest.json"
     manifest.write_text(MANIFEST_CASES[case](manifest.read_text()))
     env = {
         **os.environ,
-        "PYTHONPATH": f"{pristine_vllm()}{os.pathsep}{plugin}",
+        "PYTHONPATH": plugin_path(plugin, hook),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     loaded = subprocess.run([str(VENV / "bin/python"), "-c", LOAD], env=env, capture_output=True, text=True)
@@ -737,6 +754,7 @@ def test_corrupted_manifest_never_takes_vllm_down(tmp_path, case):
     output = loaded.stdout + loaded.stderr
     errors = [ln for ln in output.splitlines() if "vllm-moe-overlay: not applied" in ln]
     assert len(errors) == 1 and "ERROR" in errors[0] and str(manifest) in errors[0], output
+    assert_hook_said_once(loaded.stderr, hook, str(manifest))
     assert "Traceback" not in output
     origin = next(ln for ln in loaded.stdout.splitlines() if ln.startswith("ORIGIN "))
     assert origin == f"ORIGIN {pristine_vllm() / QWEN3}"
@@ -748,7 +766,8 @@ def test_corrupted_manifest_never_takes_vllm_down(tmp_path, case):
     assert check.stdout.splitlines()[-1] == "result: NOT fixed"
 
 
-def test_altered_plugin_file_is_refused(tmp_path):
+@pytest.mark.parametrize("hook", HOOK, ids=HOOK_IDS)
+def test_altered_plugin_file_is_refused(tmp_path, hook):
     """Promise: the plugin serves only the files its manifest records: a packaged file
     changed after the build is refused with one ERROR naming it, nothing applied."""
     plugin = tmp_path / "plugin"
@@ -757,7 +776,7 @@ def test_altered_plugin_file_is_refused(tmp_path):
     altered.write_bytes(altered.read_bytes() + b"\n# altered\n")
     env = {
         **os.environ,
-        "PYTHONPATH": f"{pristine_vllm()}{os.pathsep}{plugin}",
+        "PYTHONPATH": plugin_path(plugin, hook),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     loaded = subprocess.run([str(VENV / "bin/python"), "-c", LOAD], env=env, capture_output=True, text=True)
@@ -765,6 +784,7 @@ def test_altered_plugin_file_is_refused(tmp_path):
     output = loaded.stdout + loaded.stderr
     errors = [ln for ln in output.splitlines() if "vllm-moe-overlay: not applied" in ln]
     assert len(errors) == 1 and "ERROR" in errors[0] and str(altered) in errors[0], output
+    assert_hook_said_once(loaded.stderr, hook, str(altered))
     origin = next(ln for ln in loaded.stdout.splitlines() if ln.startswith("ORIGIN "))
     assert origin == f"ORIGIN {pristine_vllm() / QWEN3}"
 

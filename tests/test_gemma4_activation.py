@@ -15,8 +15,10 @@ path (the compiled grouped GEMM and SGL kernels then decline them); the forward
 test runs the whole layer there against the float64 reference, and expects
 pristine's refusal where that patch is missing.
 
-Which fixes a variant has comes from the series and, with the plugin, from its
-manifest (series_helpers.fixes_of).
+The plugin carries every patch (its startup hook serves the fused-MoE modules from
+the first import of vllm): on pristine vLLM + the plugin these tests expect the fixes,
+with VLLM_PLUGINS=none the bugs. Which fixes a variant has comes from the series and,
+with the plugin, from what it serves (series_helpers.fixes_of).
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def test_experts_activation_is_tanh_gelu(gemma4):
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_experts_activation_matches_the_tanh_reference(gemma4, tokens):
     """apply_moe_activation with the layer's own activation, on w13-shaped outputs in
-    float32: the build matches tanh GELU; pristine (with or without the plugin) matches
-    exact GELU, not tanh."""
+    float32: the build (and the plugin) matches tanh GELU; pristine (and the plugin
+    turned off) matches exact GELU, not tanh."""
     moe, width = gemma4.moe, gemma4.width
     gate_up = 2 * torch.randn(tokens, 2 * width, generator=torch.Generator().manual_seed(tokens))
     out = torch.empty(tokens, width)

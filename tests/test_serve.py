@@ -1,10 +1,13 @@
 """`vllm serve` from the installed patched CPU wheel, on tiny random-weight Qwen3-MoE
 checkpoints: the OpenAI endpoints, greedy outputs against Hugging Face transformers
 (routed experts only) and against pristine vLLM 0.19.1 (with a shared expert, the
-case the Qwen3 patch changes), tensor parallelism, bad requests and shutdown."""
+case the Qwen3 patch changes), tensor parallelism, bad requests and shutdown; and pristine
+0.19.1 with the plugin wheel: applied, turned off with VLLM_PLUGINS, and damaged."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import zipfile
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ import plugin_helpers
 import pytest
 import requests
 from build_helpers import LOCK, REPO, upstream_path
-from series_helpers import SERVED_MODULES
+from series_helpers import MODULES
 from serve_helpers import (
     SERVE_FLAGS,
     VENV,
@@ -278,8 +281,10 @@ def test_tensor_parallel_matches_single_process(patched_tp1, patched_tp2):
 # ---- pristine 0.19.1 + the plugin wheel on the shared-expert checkpoint -----------------
 
 PLUGIN_LOG = {"VLLM_LOGGING_LEVEL": "DEBUG"}  # the plugin names each module it serves at DEBUG
-# The model file comes from the plugin, which serves nothing but model files.
-SERVED = {"vllm.model_executor.models.qwen3_moe"}
+# What the processes that load the model import of the series: the model file and the
+# fused-MoE layers, the latter before vLLM loads its plugins (the startup hook serves them).
+SERVED = {m for m in MODULES if m.endswith((".qwen3_moe", ".fused_moe.fused_moe", ".fused_moe.activation"))}
+HOOK_FAULT = "vllm-moe-overlay: startup hook: nothing served: "
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +300,28 @@ def plugin_tp2(checkpoints, logs) -> ServedRun:
     command = [*upstream_api_server(checkpoints / SHARED), "--tensor-parallel-size", "2"]
     env = plugin_helpers.pristine_plugin_env(server_env({**TP2_ENV, **PLUGIN_LOG}))
     return serve_and_complete(command, SHARED, logs / "shared-plugin-tp2.log", env)
+
+
+@pytest.fixture(scope="module")
+def damaged_plugin_tp1(checkpoints, logs, pristine_vllm, tmp_path_factory) -> ServedRun:
+    """Pristine 0.19.1 + a copy of the plugin whose manifest is cut short."""
+    plugin = tmp_path_factory.mktemp("damaged") / "plugin"
+    shutil.copytree(plugin_helpers.installed_plugin(), plugin, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = plugin / "vllm_moe_overlay/manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    path = f"{pristine_vllm}{os.pathsep}{plugin_helpers.plugin_site(plugin)}"
+    env = server_env({"PYTHONPATH": path})
+    return serve_and_complete(
+        upstream_api_server(checkpoints / SHARED), SHARED, logs / "shared-damaged-plugin.log", env
+    )
+
+
+@pytest.fixture(scope="module")
+def plugin_off_tp1(checkpoints, logs) -> ServedRun:
+    env = plugin_helpers.pristine_plugin_env(server_env({**PLUGIN_LOG, "VLLM_PLUGINS": "none"}))
+    return serve_and_complete(
+        upstream_api_server(checkpoints / SHARED), SHARED, logs / "shared-plugin-off.log", env
+    )
 
 
 def test_plugin_on_pristine_matches_the_patched_wheel(plugin_tp1, patched_tp1):
@@ -318,17 +345,49 @@ def test_plugin_with_tensor_parallel_matches_the_patched_wheel(plugin_tp2, patch
     ],
 )
 def test_plugin_applied_in_every_process(run, loaders, request):
-    """Each process logged the INFO line; the ones that load the model imported qwen3_moe
-    from the plugin, and no process got from it a module outside the plugin's own."""
+    """Each process logged the INFO line; the ones that load the model imported the model
+    file and the fused-MoE layers from the plugin, and no process got from it a module
+    outside the series."""
     names, applied, served = plugin_helpers.plugin_log(request.getfixturevalue(run).server.log)
     for process in ["APIServer", "EngineCore", *loaders]:
         assert names[process] in applied, process
     for process in loaders:
-        assert SERVED <= served.get(names[process], set()), process
-    assert set().union(*served.values()) <= set(SERVED_MODULES), served
+        assert SERVED <= served.get(names[process], set()), (process, served)
+    assert set().union(*served.values()) <= set(MODULES), served
 
 
-@pytest.mark.parametrize("run", ["patched_tp1", "patched_tp2", "pristine_tp1", "plugin_tp1", "plugin_tp2"])
+def test_vllm_plugins_none_serves_nothing_in_any_process(plugin_off_tp1, pristine_tp1):
+    log = plugin_off_tp1.server.log.read_text(errors="replace")
+    assert "vllm-moe-overlay" not in log and "serving vllm." not in log
+    for off, pristine in zip(plugin_off_tp1.completions, pristine_tp1.completions, strict=True):
+        assert off.tokens == pristine.tokens
+
+
+def test_damaged_plugin_leaves_the_server_as_pristine(damaged_plugin_tp1, pristine_tp1):
+    """A cut manifest: each process says so (the hook's one stderr line, then the entry
+    point's ERROR), serves nothing, and answers as pristine vLLM."""
+    assert damaged_plugin_tp1.version == LOCK.pin
+    for damaged, pristine in zip(damaged_plugin_tp1.completions, pristine_tp1.completions, strict=True):
+        assert damaged.tokens == pristine.tokens
+        assert damaged.logprobs == pytest.approx(pristine.logprobs, abs=1e-5)
+    lines = [ln for ln in damaged_plugin_tp1.server.log.read_text().splitlines() if "vllm-moe-overlay" in ln]
+    hook = [ln for ln in lines if ln.startswith(HOOK_FAULT)]
+    assert hook and all("manifest.json" in ln for ln in hook), lines
+    assert all(ln in hook or "vllm-moe-overlay: not applied, nothing changed: " in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        "patched_tp1",
+        "patched_tp2",
+        "pristine_tp1",
+        "plugin_tp1",
+        "plugin_tp2",
+        "plugin_off_tp1",
+        "damaged_plugin_tp1",
+    ],
+)
 def test_server_shuts_down_cleanly(run, request):
     server = request.getfixturevalue(run).server
     assert server.process.returncode == 0, server.log_tail()

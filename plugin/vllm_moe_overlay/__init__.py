@@ -1,20 +1,26 @@
-"""The MoE overlay as a vLLM general plugin (entry point `vllm_moe_overlay`).
+"""The MoE overlay as a vLLM plugin: every patch of the series, served over a pristine vLLM.
 
-vLLM calls register() in every process it starts, before any model code is
-imported. The plugin carries only the patches whose every file is a model file
-(vLLM imports those after the plugins); the manifest lists the others as not
-carried, with the reason. If every file it serves is byte-identical in the
-installed vLLM to the pinned release's pristine file (or, for a module the
-patches add, absent), register() puts an import hook on sys.meta_path that
-serves those modules from the files packaged here (pristine + the carried
-patches). Otherwise it changes nothing and logs why.
+Two ways in, one decision. The startup hook (_vllm_moe_overlay, run by
+vllm_moe_overlay.pth in every interpreter of the environment) calls startup() on the
+first lookup of a vLLM module, before any of them is imported; vLLM's general-plugin
+entry point register() then logs what was decided, in every process vLLM starts.
+Where the hook did not run (the plugin is not in a site directory, `python -S`),
+register() decides itself, later: it can no longer serve a module vLLM imported before
+its plugins (`vllm serve` imports the fused-MoE layers first) and then refuses.
 
-Standard library only: loading the plugin imports neither torch nor vLLM.
+The decision covers all served files together: if every installed one is
+byte-identical to the pinned release's (or, for a module the patches add, absent),
+the modules are served under their own names from the files packaged here (pristine
++ the whole series); if all are as this project's patched wheels have them, the
+plugin is inert; otherwise it changes nothing and warns.
+
+Standard library only: the plugin imports neither torch nor vLLM.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import json
 import logging
@@ -49,13 +55,20 @@ def manifest() -> dict:
     return info
 
 
+def allowed() -> bool:
+    """Whether vLLM would load this plugin: its own reading of VLLM_PLUGINS (vllm/envs.py,
+    vllm/plugins/__init__.py): unset loads every plugin, a comma list only those named."""
+    listed = os.environ.get("VLLM_PLUGINS")
+    return listed is None or NAME in listed.split(",")
+
+
 @dataclass(frozen=True)
 class Target:
     module: str
     path: str  # relative to the directory holding the vllm package, e.g. vllm/model_executor/...
     pristine_sha256: str | None  # None: the release has no such file (the patches add it)
-    served_sha256: str  # the packaged file's: pristine + the carried patches
-    patched_sha256: str  # as the patched wheels have it: pristine + the whole series
+    patched_sha256: str  # as the patched wheels and the plugin's copy have it
+    installed: Path | None  # where the installed vLLM has (or would have) the file
     found_sha256: str | None  # the installed file's, or None: there is none
 
     @property
@@ -72,7 +85,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Plan:
-    """What register() does in this process, and the log records that say why."""
+    """What the plugin does in this process, and the log records that say why."""
 
     action: str  # apply, patched, mismatch or imported
     targets: list[Target]
@@ -109,8 +122,8 @@ def plan() -> Plan:
             m["module"],
             m["path"],
             m["pristine_sha256"],
-            m["served_sha256"],
             m["patched_sha256"],
+            root / m["path"] if root else None,
             _sha256(root / m["path"]) if root else None,
         )
         for m in info["modules"]
@@ -121,7 +134,7 @@ def plan() -> Plan:
         return Plan(
             "patched",
             targets,
-            [(logging.INFO, (f"{tag}: inert: the installed vLLM already carries its patches ({names})"))],
+            [(logging.INFO, f"{tag}: inert: the installed vLLM already carries its patches ({names})")],
         )
     others = [t for t in targets if t.state != "pristine"]
     if others:
@@ -151,7 +164,8 @@ def plan() -> Plan:
                     (
                         f"{tag}: refused, nothing applied: {', '.join(imported)} was imported before "
                         "the plugin ran; serving the patched file now would leave two versions of it "
-                        "in this process"
+                        "in this process (its startup hook, vllm_moe_overlay.pth, did not run first: "
+                        "Python runs a .pth only from a site directory)"
                     ),
                 )
             ],
@@ -163,46 +177,69 @@ def plan() -> Plan:
         [
             (
                 logging.INFO,
-                (
-                    f"{tag}: applied to vLLM {info['vllm_version']}: {subjects} "
-                    f"(serving {names} from {FILES}){not_carried(info)}"
-                ),
+                f"{tag}: applied to vLLM {info['vllm_version']}: {subjects} (serving {names} from {FILES})",
             )
         ],
     )
 
 
-def not_carried(info: dict) -> str:
-    """'; not carried: <subject> (<reason>)' per patch the plugin lacks, or ''."""
-    return "".join(f"; not carried: {p['subject']} ({p['reason']})" for p in info["not_carried"])
+class ServedLoader(importlib.machinery.SourceFileLoader):
+    """Runs the packaged file. The module's __file__ names the installed file it stands
+    for, as in the patched wheels, so code that finds data beside its own file finds
+    vLLM's (fused_moe.py reads its tuned kernel configs from configs/ there)."""
+
+    def __init__(self, fullname: str, path: str, file: str) -> None:
+        super().__init__(fullname, path)
+        self.file = file
+
+    def exec_module(self, module) -> None:
+        module.__file__ = self.file
+        super().exec_module(module)
 
 
 class OverlayFinder:
     """A sys.meta_path finder: serves the target modules, under their own names, from
     the packaged files."""
 
-    def __init__(self, targets: list[Target], announcement: str) -> None:
-        self.files = {t.module: t.packaged for t in targets}
-        self.announcement = announcement
-        self.announced_in: int | None = None
-
-    def announce(self) -> None:
-        """The INFO line, once per process (a forked child inherits the finder)."""
-        if self.announced_in != os.getpid():
-            self.announced_in = os.getpid()
-            logger.info("%s [pid %d]", self.announcement, self.announced_in)
+    def __init__(self, targets: list[Target]) -> None:
+        self.files = {
+            t.module: (t.packaged, t.installed if t.pristine_sha256 else t.packaged) for t in targets
+        }
 
     def find_spec(self, fullname, path=None, target=None):
-        file = self.files.get(fullname)
-        if file is None:
+        found = self.files.get(fullname)
+        if found is None:
             return None
-        self.announce()
-        logger.debug("serving %s from %s [pid %d]", fullname, file, os.getpid())
-        return importlib.util.spec_from_file_location(fullname, file)
+        packaged, file = found
+        logger.debug("serving %s from %s [pid %d]", fullname, packaged, os.getpid())
+        loader = ServedLoader(fullname, str(packaged), str(file))
+        return importlib.util.spec_from_file_location(fullname, packaged, loader=loader)
 
 
-def active_finder() -> OverlayFinder | None:
-    return next((f for f in sys.meta_path if isinstance(f, OverlayFinder)), None)
+def _apply(decided: Plan) -> OverlayFinder:
+    """The finder of an 'apply' plan, once the packaged files are checked."""
+    damaged = [t.packaged for t in decided.targets if _sha256(t.packaged) != t.patched_sha256]
+    if damaged:
+        raise ManifestError(f"the plugin's file {damaged[0]} is missing or not the one its manifest records")
+    return OverlayFinder(decided.targets)
+
+
+# What the plugin decided in this process (a forked child inherits it): by the startup
+# hook, or by register() where the hook did not run; None until then.
+decision: Plan | None = None
+
+
+def startup() -> OverlayFinder | None:
+    """Called once per process by the startup hook, on the first lookup of a vLLM module
+    (the hook's finder answers nothing meanwhile): the finder to consult for every vLLM
+    module from then on, or None. Raises on a fault; the hook reports it."""
+    global decision
+    if not allowed():
+        return None
+    decided = plan()
+    finder = _apply(decided) if decided.action == "apply" else None
+    decision = decided
+    return finder
 
 
 _registered_in: int | None = None
@@ -225,21 +262,13 @@ def register() -> None:
 
 
 def _register() -> None:
-    finder = active_finder()
-    if finder is not None:
-        finder.announce()
-        return
-    decided = plan()
-    if decided.action == "apply":
-        damaged = [t.packaged for t in decided.targets if _sha256(t.packaged) != t.served_sha256]
-        if damaged:
-            raise ManifestError(
-                f"the plugin's file {damaged[0]} is missing or not the one its manifest records"
-            )
-        ((_, announcement),) = decided.records
-        finder = OverlayFinder(decided.targets, announcement)
-        finder.announce()
-        sys.meta_path.insert(0, finder)  # last: nothing before it changes the process
-        return
-    for level, message in decided.records:
+    global decision
+    decided = decision or plan()
+    if decision is None:  # neither did the startup hook (plan() looks vllm up): decide now
+        if decided.action == "apply":
+            sys.meta_path.insert(0, _apply(decided))  # last: nothing before it changes the process
+        decision = decided
+    for level, message in decision.records:
+        if decision.action == "apply":
+            message = f"{message} [pid {os.getpid()}]"  # once per process, forked ones too
         logger.log(level, message)

@@ -2,9 +2,8 @@
 
 Runs vLLM's own plugin loader, as every vLLM process does, then asks the
 import system which file each module the plugin serves would come from. Exit
-status 0 when vLLM gets them fixed (from this plugin, or because the installed
-vLLM already carries the patches), 1 otherwise. The patches the plugin does not
-carry are named in the first lines and again in the result.
+status 0 when vLLM gets them fixed (from this plugin, through its startup hook,
+or because the installed vLLM already carries the patches), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import NAME, ManifestError, describe, installed_root, manifest, not_carried, plan
+from . import NAME, ManifestError, describe, installed_root, manifest, plan
 
 GROUP = "vllm.general_plugins"
 
@@ -38,8 +37,16 @@ def check() -> str:
         f"vllm-moe-overlay {info['label']} for vLLM {info['vllm_version']}: carries "
         + "; ".join(p["subject"] for p in info["carried"])
     )
-    for patch in info["not_carried"]:
-        print(f"not carried: {patch['subject']} ({patch['reason']})")
+    hook = next((f for f in sys.meta_path if type(f).__module__ == "_vllm_moe_overlay"), None)
+    print(
+        "startup hook: "
+        + (
+            f"active ({Path(sys.modules['_vllm_moe_overlay'].__file__).parent / 'vllm_moe_overlay.pth'})"
+            if hook
+            else "NOT active in this interpreter (Python runs vllm_moe_overlay.pth only in a site "
+            "directory, and not with -S)"
+        )
+    )
     decided = plan()  # the installed files, read before vLLM's loader acts on them
 
     found = [ep for ep in entry_points(group=GROUP) if ep.name == NAME]
@@ -79,11 +86,10 @@ def check() -> str:
                     f" ({describe(target.found_sha256)}, plugin expects {describe(target.pristine_sha256)})"
                 )
         print(f"{target.module}: {status}")
-    if not fixed:
+    if decided.action == "apply" and not hook:
+        print("without the startup hook, vLLM imports some of these modules before its plugins load")
         return ""
-    if decided.action == "patched" or not info["not_carried"]:
-        return "fixed"
-    return "fixed (the patches the plugin carries)" + not_carried(info)
+    return "fixed" if fixed else ""
 
 
 if __name__ == "__main__":

@@ -10,26 +10,23 @@ from __future__ import annotations
 import json
 import re
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def manifest(
-    vllm_version: str, label: str, carried: list[dict], not_carried: list[dict], modules: list[dict]
-) -> dict:
+def manifest(vllm_version: str, label: str, carried: list[dict], modules: list[dict]) -> dict:
     """The manifest of this schema version; ValueError if it would not pass problem().
 
-    carried: {"name", "subject"} per patch the plugin carries, in series order.
-    not_carried: {"name", "subject", "reason"} per patch of the series it cannot carry.
-    modules: {"module", "path", "pristine_sha256", "served_sha256", "patched_sha256"} per
-    served file: the release's file (None for a module the patches add), the plugin's own
-    (pristine + the carried patches) and the patched wheels' (pristine + the whole series)."""
+    carried: {"name", "subject"} per patch of the series, in series order (the plugin
+    carries them all).
+    modules: {"module", "path", "pristine_sha256", "patched_sha256"} per served file: the
+    release's file (None for a module the patches add) and the patched wheels' (pristine +
+    the whole series), which is also the plugin's own copy."""
     info = {
         "schema": SCHEMA_VERSION,
         "vllm_version": vllm_version,
         "label": label,
         "carried": carried,
-        "not_carried": not_carried,
         "modules": modules,
     }
     found = problem(info)
@@ -59,18 +56,14 @@ def problem(info) -> str | None:
         return "carried must be a non-empty list"
     if not all(strings(p, ("name", "subject")) for p in info["carried"]):
         return "each carried patch needs a name and a subject"
-    if not isinstance(info.get("not_carried"), list):
-        return "not_carried must be a list"
-    if not all(strings(p, ("name", "subject", "reason")) for p in info["not_carried"]):
-        return "each patch not carried needs a name, a subject and a reason"
     if not isinstance(info.get("modules"), list) or not info["modules"]:
         return "modules must be a non-empty list"
     for m in info["modules"]:
-        if not strings(m, ("module", "path", "served_sha256", "patched_sha256")) or not (
+        if not strings(m, ("module", "path", "patched_sha256")) or not (
             "pristine_sha256" in m and (m["pristine_sha256"] is None or isinstance(m["pristine_sha256"], str))
         ):
             return (
-                "each module needs module, path, served_sha256 and patched_sha256 strings "
+                "each module needs module, path and patched_sha256 strings "
                 "and a pristine_sha256 string or null"
             )
         parts = m["path"].split("/")
@@ -81,7 +74,7 @@ def problem(info) -> str | None:
             or m["module"] != m["path"][: -len(".py")].replace("/", ".")
         ):
             return f"module {m['module']!r} does not match its path {m['path']!r}"
-        hashes = (m["served_sha256"], m["patched_sha256"], m["pristine_sha256"])
+        hashes = (m["patched_sha256"], m["pristine_sha256"])
         if not all(_SHA256.fullmatch(h) for h in hashes if h is not None):
             return f"{m['module']}: a sha256 is not 64 lower-case hex digits"
     return None

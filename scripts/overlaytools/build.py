@@ -161,8 +161,6 @@ def build(args: argparse.Namespace, staged: list[publish.Staging]) -> None:
                 built[name] = _sha256(staging_dir() / name)
                 log(f"  wrote {name}")
                 publish.checkpoint("staging")
-        if plugin and args.verify_only:  # the plugin's files: pristine + the patches it carries
-            plugin_wheel.served_files(plugin_inputs.pristine, patches)
         if plugin and not args.verify_only:
             plugin_version = locked.patched_version(version, PLUGIN)
             name = plugin_wheel.filename(plugin_version)

@@ -1,5 +1,5 @@
 """The pure-Python plugin wheel: plugin/ (a setuptools project: the loader) staged with the
-patched files and a manifest, then built by setuptools through its PEP 517 hook.
+patched files (the whole series) and a manifest, then built by setuptools through its PEP 517 hook.
 
 Reproducible: every member gets the timestamp of SOURCE_DATE_EPOCH and mode 644
 whatever the umask, and nothing names the staging directory; the bytes depend only
@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from packaging.requirements import Requirement
 
-from . import gitrepo, lifetime, patching, rewheel
+from . import gitrepo, lifetime, rewheel
 from .buildenv import REQUIREMENTS
 from .errors import OverlayError
 from .lock import REPO
@@ -33,44 +33,8 @@ LOADER = PROJECT / PACKAGE
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01 00:00 UTC, the earliest a zip can say
 # PEP 517's build_wheel hook of plugin/pyproject.toml's backend, in a fresh interpreter.
 BUILD_WHEEL = "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])"
-# What the plugin can carry: a patch whose every file is under this folder. vLLM's model
-# registry imports model files only when it loads a model, after the general plugins;
-# other modules may come first (with `vllm serve` on CUDA, the API server and the engine
-# core import vllm/model_executor/layers/fused_moe/ before the plugins), and a module
-# imported before the plugin ran can no longer be served.
-SERVABLE = "vllm/model_executor/models/"
-
-
-def not_carried(patch: Path) -> str | None:
-    """Why the plugin cannot carry `patch`, or None if it carries it."""
-    early = sorted(
-        {
-            str(PurePosixPath(f).parent) + "/"
-            for f in patching.touched_files([patch])
-            if not f.startswith(SERVABLE)
-        }
-    )
-    if not early:
-        return None
-    return f"needs the patched wheel: it changes {', '.join(early)}, which vLLM imports before plugins"
-
-
-def served_files(pristine: dict[str, bytes], patches: list[Path]) -> dict[str, bytes]:
-    """The plugin's files: pristine + the patches it carries, in series order (the others
-    skipped); every file those patches change or add."""
-    carried = [p for p in patches if not not_carried(p)]
-    if not carried:
-        raise OverlayError(
-            f"the plugin can carry no patch of the series: each changes a file outside {SERVABLE}"
-        )
-    touched = patching.touched_files(carried)
-    try:
-        return patching.apply({p: pristine[p] for p in touched if p in pristine}, carried)
-    except OverlayError as exc:
-        skipped = ", ".join(p.name for p in patches if p not in carried)
-        raise OverlayError(
-            f"the plugin's files (pristine + the patches it carries, without {skipped}): {exc}"
-        ) from None
+# Staged beside the package (plugin/): the startup hook, its .pth, and build_py with the .pth.
+PROJECT_FILES = ["pyproject.toml", "_vllm_moe_overlay.py", "vllm_moe_overlay.pth", "build_pth.py"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,35 +93,27 @@ def _requires_python(source, wheel: str) -> str:
 
 
 def manifest(
-    version: str,
-    label: str,
-    patches: list[Path],
-    pristine: dict[str, bytes],
-    served: dict[str, bytes],
-    patched: dict[str, bytes],
+    version: str, label: str, patches: list[Path], pristine: dict[str, bytes], patched: dict[str, bytes]
 ) -> bytes:
     def sha256(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
-
-    def described(patch: Path) -> dict:
-        return {"name": patch.name, "subject": gitrepo.read_message(patch).text.partition("\n")[0]}
 
     try:
         info = schema().manifest(
             vllm_version=version,
             label=label,
-            carried=[described(p) for p in patches if not not_carried(p)],
-            not_carried=[{**described(p), "reason": not_carried(p)} for p in patches if not_carried(p)],
+            carried=[
+                {"name": p.name, "subject": gitrepo.read_message(p).text.partition("\n")[0]} for p in patches
+            ],
             modules=[
                 {
                     "module": module_name(path),
                     "path": path,
                     # None: a module the patches add, which the release does not have
                     "pristine_sha256": sha256(pristine[path]) if path in pristine else None,
-                    "served_sha256": sha256(served[path]),
                     "patched_sha256": sha256(patched[path]),
                 }
-                for path in sorted(served)
+                for path in sorted(patched)
             ],
         )
     except ValueError as exc:  # what schema.py refuses
@@ -190,15 +146,14 @@ def check_backend() -> None:
 
 def write(out: Path, version: str, label: str, patches: list[Path], inputs: Inputs) -> None:
     """The plugin wheel `version` (release+label), at `out`."""
-    served = served_files(inputs.pristine, patches)
     staged = {
-        "pyproject.toml": (PROJECT / "pyproject.toml").read_bytes(),
+        **{name: (PROJECT / name).read_bytes() for name in PROJECT_FILES},
         "VERSION": f"{version}\n".encode(),
         **{f"{PACKAGE}/{p.name}": p.read_bytes() for p in sorted(LOADER.glob("*.py"))},
         f"{PACKAGE}/manifest.json": manifest(
-            version.split("+")[0], label, patches, inputs.pristine, served, inputs.patched
+            version.split("+")[0], label, patches, inputs.pristine, inputs.patched
         ),
-        **{f"{PACKAGE}/files/{path}": data for path, data in served.items()},
+        **{f"{PACKAGE}/files/{path}": data for path, data in inputs.patched.items()},
     }
     with lifetime.scratch_dir("vllm-moe-overlay-plugin-") as tmp:
         source, wheels = tmp / "plugin", tmp / "wheels"

@@ -7,8 +7,9 @@ Each GPU test process runs one variant, named by VARIANT_ENV, with that variant'
 vLLM first on PYTHONPATH (tests/run-gpu-tests sets both):
   patched   the patched CUDA wheel
   pristine  upstream vLLM 0.19.1: both bugs must show
-  plugin    upstream vLLM 0.19.1 with the plugin wheel: fixed through vLLM's plugin loader,
-            but for the patches the plugin does not carry (has_fix)
+  plugin    upstream vLLM 0.19.1 with the plugin wheel (its folder read as a site
+            directory, so its startup hook runs): every patch its manifest carries
+            (has_fix), the whole series
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ def variant() -> str:
 
 
 def expects_bugs() -> bool:
-    """Pristine 0.19.1 must show every bug; patched and plugin must not, but for the
-    patches the plugin does not carry (has_fix)."""
+    """Pristine 0.19.1 must show every bug; patched and plugin must not (has_fix)."""
     return variant() == "pristine"
 
 

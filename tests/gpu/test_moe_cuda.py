@@ -1,7 +1,7 @@
 """Both MoE bugs, and Gemma4's expert activation, on vLLM's real FusedMoE on CUDA (the
 Triton fused-MoE path), in this process's variant: pristine 0.19.1 must show each bug,
-the patched wheel and the plugin must not (but for the tanh GELU, which the plugin
-does not carry). Outputs are checked against the float64 references of
+the patched wheel and the plugin must not (the plugin runs tanh GELU too: it carries
+every patch). Outputs are checked against the float64 references of
 tests/references.py, in float32 (TF32 inside the Triton kernel on Hopper) and
 bfloat16, eagerly and replayed from a CUDA graph.
 """
@@ -36,8 +36,8 @@ DTYPE_IDS = ["fp32", "bf16"]
 TOKENS = 64
 EXPECT_BUG = gpu_env.expects_bugs()
 # Gemma4's experts should use tanh GELU (its hidden_activation, gelu_pytorch_tanh);
-# pristine 0.19.1 builds them with exact (erf) GELU, and so does it with the plugin,
-# which does not carry that fix (it changes the fused-MoE modules).
+# pristine 0.19.1 builds them with exact (erf) GELU; the patched wheel and the plugin
+# (whose startup hook serves the fused-MoE modules too) with tanh GELU.
 GEMMA4_ACTIVATION = "gelu_tanh" if gpu_env.has_fix(GELU_FIX) else "gelu"
 # Tokens are kept only if their top-k experts lead the next one by this much in exact
 # arithmetic: far above the rounding of router logits in either dtype, so the kernel
@@ -236,8 +236,8 @@ def gelu_probe_weights(seed: int):
 
 @dtypes
 def test_gemma4_experts_use_tanh_gelu(gemma4, workdir, dtype):
-    """Patched: the experts compute tanh GELU (upstream #41574); pristine 0.19.1 computes
-    exact GELU, with the plugin too (it does not carry that patch)."""
+    """Patched and plugin: the experts compute tanh GELU (upstream #41574); pristine
+    0.19.1 computes exact GELU."""
     moe = build_gemma4(gemma4, workdir, dtype, seed=8, load=gelu_probe_weights(seed=8))
     columns = torch.randperm(HIDDEN, generator=generator(9))[:32]
     x = torch.nn.functional.one_hot(columns, HIDDEN).to(dtype).to(CUDA)

@@ -36,7 +36,7 @@ def check(variant: str) -> dict:
     pins = lock.load()
     package = Path(vllm.__file__).parent
     found = {"variant": variant, "vllm": vllm.__version__, "vllm_path": str(package), "modules": {}}
-    served = {}  # the plugin's: module -> its own file (pristine + the patches it carries)
+    served = {}  # the plugin's: module -> its own file (pristine + the whole series)
     if variant == "plugin":
         import vllm_moe_overlay as plugin
 
@@ -44,8 +44,9 @@ def check(variant: str) -> dict:
         targets = plugin.plan().targets
         states = {t.module: t.state for t in targets}
         assert set(states.values()) == {"pristine"}, f"installed files are not pristine: {states}"
-        # ... and vLLM's plugin loader (run in conftest.pytest_configure) put the hook first.
-        assert plugin.active_finder() is not None, "the plugin's import hook is not active"
+        # ... and its startup hook chose to serve them, at the first import of vllm.
+        decided = plugin.decision
+        assert decided and decided.action == "apply", f"the plugin's startup hook did not apply: {decided}"
         served = {t.module: t.packaged for t in targets}
     expected_version = pins.pin if variant != "patched" else pins.patched_version(pins.pin, "cuda")
     assert vllm.__version__ == expected_version, f"{variant}: vLLM {vllm.__version__}"
@@ -58,7 +59,7 @@ def check(variant: str) -> dict:
             assert origin.is_relative_to(package), origin
         elif module in served:
             assert origin == served[module], f"plugin: {module} is loaded from {origin}, not {served[module]}"
-        else:  # pristine, or a module of a patch the plugin does not carry
+        else:  # pristine
             assert not patched, f"{variant}: {origin} is the patched file"
             assert origin.is_relative_to(package), origin
     return found
