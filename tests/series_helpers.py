@@ -68,3 +68,9 @@ def provenance(patch: Path) -> dict[str, str]:
     """The `Field: value` lines of a patch's message."""
     message = patch.read_text().split("\n---\n", 1)[0]
     return dict(re.findall(r"^([A-Z][\w-]+): (.+)$", message, re.M))
+
+
+def fix_of(pull_request: str) -> Path:
+    """The patch whose Origin names the upstream pull request (its URL)."""
+    (patch,) = [p for p in PATCHES if patching.origin(p.read_text()).endswith(", " + pull_request)]
+    return patch
