@@ -150,7 +150,9 @@ def awq(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return tensors, decoded.contiguous()
 
 
-def nvfp4(weight: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def nvfp4(
+    weight: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """ModelOpt NVFP4: E2M1 values, an E4M3 scale per block of 16 inputs, and a global
     scale from `amax` (by default the weight's own; gate and up share theirs, since
     vLLM keeps one weight_scale_2 for both)."""
@@ -183,7 +185,9 @@ def _experts(state: dict[str, torch.Tensor]):
             yield layer, state[name], state[layer + "experts.down_proj"]
 
 
-def quantize(state: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def quantize(
+    state: dict[str, torch.Tensor], fmt: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(the quantized checkpoint's tensors, the float state dict with the experts dequantized)."""
     tensors = {
         PREFIX + name.removeprefix("model."): t.to(torch.bfloat16)
@@ -234,4 +238,6 @@ def write(source: Path, dest: Path, fmt: str) -> None:
     config |= {"torch_dtype": "bfloat16", "quantization_config": quantization_config(fmt)}
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors, _ = quantize(load_file(source / "model.safetensors"), fmt)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, dest / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, dest / "model.safetensors", metadata={"format": "pt"}
+    )

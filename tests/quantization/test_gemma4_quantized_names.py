@@ -141,7 +141,9 @@ def nvfp4_names_with_float_experts(float_state) -> dict[str, torch.Tensor]:
     tensors, _ = quantized_gemma4.quantize(float_state, "nvfp4")
     named = {n: t for n, t in tensors.items() if ".moe.experts." not in n}
     for name in tensors:
-        found = re.fullmatch(r"model\.language_model\.(layers\.\d+\.)moe\.experts\.(\d+)\.(\w+)_proj\.weight", name)
+        found = re.fullmatch(
+            r"model\.language_model\.(layers\.\d+\.)moe\.experts\.(\d+)\.(\w+)_proj\.weight", name
+        )
         if found:
             layer, expert, proj = found[1], int(found[2]), found[3]
             gate_up = float_state[f"model.{layer}experts.gate_up_proj"][expert]
