@@ -314,13 +314,13 @@ def _unrelated_history(queue: Path) -> str:
 def _deleted_file(queue: Path) -> str:
     git(queue, "rm", "-q", UNTOUCHED_FILE)
     git(queue, "commit", "-q", "-m", f"Remove a module\n\n{TEST_PROVENANCE}")
-    return f"deletes {UNTOUCHED_FILE}: patches may change or add files, not delete or rename them"
+    return f"deletes {UNTOUCHED_FILE}: {patching.ONLY_CHANGE_OR_ADD}"
 
 
 def _renamed_file(queue: Path) -> str:
     git(queue, "mv", UNTOUCHED_FILE, UNTOUCHED_FILE.replace(".py", "_renamed.py"))
     git(queue, "commit", "-q", "-m", f"Rename a module\n\n{TEST_PROVENANCE}")
-    return f"deletes {UNTOUCHED_FILE}: patches may change or add files, not delete or rename them"
+    return f"deletes {UNTOUCHED_FILE}: {patching.ONLY_CHANGE_OR_ADD}"
 
 
 @pytest.mark.parametrize("damage", [_dirty, _unrelated_history, _deleted_file, _renamed_file])
