@@ -34,30 +34,6 @@ pytest_plugins = ["moe_fixtures"]
 
 PACKED_FIX = fix_of("https://github.com/vllm-project/vllm/pull/40708")
 PREFIX_FIX = fix_of("https://github.com/vllm-project/vllm/pull/41206")
-# The smallest Gemma4 MoE that Marlin's MoE kernel would take (hidden % 128, moe
-# intermediate % 64) with one sliding and one full-attention k_eq_v layer.
-CONFIG = {
-    "architectures": ["Gemma4ForCausalLM"],
-    "vocab_size": 272,
-    "vocab_size_per_layer_input": 272,
-    "hidden_size": 256,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "layer_types": ["sliding_attention", "full_attention"],
-    "sliding_window": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_global_key_value_heads": 1,
-    "head_dim": 64,
-    "global_head_dim": 64,
-    "attention_k_eq_v": True,
-    "hidden_size_per_layer_input": 0,
-    "enable_moe_block": True,
-    "num_experts": 8,
-    "top_k_experts": 2,
-    "moe_intermediate_size": 64,
-    "tie_word_embeddings": True,
-}
 # Parameters of the MoE method that these checkpoints do not carry, and why vLLM
 # does not need them: g_idx only with activation reordering (actorder is null),
 # weight_shape is not read for MoE layers; the attention's q/k/v scales and zero
@@ -67,11 +43,7 @@ NOT_CARRIED = re.compile(r"(g_idx|g_idx_sort_indices|weight_shape|attn\.[qkv]_(s
 
 @pytest.fixture(scope="module")
 def float_state() -> dict[str, torch.Tensor]:
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-    torch.manual_seed(0)
-    model = Gemma4ForCausalLM(Gemma4TextConfig(**CONFIG))
-    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+    return quantized_gemma4.float_weights(seed=0)
 
 
 def build(variant: str, workdir: Path, fmt: str | None):
@@ -82,7 +54,7 @@ def build(variant: str, workdir: Path, fmt: str | None):
 
     model_dir = workdir / f"{variant}-{fmt}"
     model_dir.mkdir(exist_ok=True)
-    config = {**CONFIG, "model_type": "gemma4_text", "torch_dtype": "bfloat16"}
+    config = {**quantized_gemma4.CONFIG, "model_type": "gemma4_text", "torch_dtype": "bfloat16"}
     if fmt:
         config["quantization_config"] = quantized_gemma4.quantization_config(fmt)
     (model_dir / "config.json").write_text(json.dumps(config))
@@ -132,7 +104,7 @@ def test_compressed_tensors_packed_experts(variant, moe_workdir, vllm_distribute
         return
     model.load_weights(iter(tensors.items()))
     checked = assert_every_slot_written(model, re.compile(r"experts\.w(13|2)_weight_(packed|scale)$"))
-    assert len(checked) == 4 * CONFIG["num_hidden_layers"]
+    assert len(checked) == 4 * quantized_gemma4.CONFIG["num_hidden_layers"]
 
 
 def nvfp4_names_with_float_experts(float_state) -> dict[str, torch.Tensor]:
@@ -166,7 +138,7 @@ def test_modelopt_names_already_under_moe(variant, moe_workdir, vllm_distributed
         return
     model.load_weights(iter(tensors.items()))
     assert_every_slot_written(model, re.compile(r"experts\.w(13|2)_weight$"))
-    for layer in range(CONFIG["num_hidden_layers"]):
+    for layer in range(quantized_gemma4.CONFIG["num_hidden_layers"]):
         experts = model.model.layers[layer].moe.experts
         expected = float_state[f"model.layers.{layer}.experts.gate_up_proj"].to(torch.bfloat16)
         assert torch.equal(experts.w13_weight.detach(), expected)
