@@ -323,18 +323,21 @@ def _prefix() -> str:
     return f"model.layers.{next(_layer_ids)}.mlp"
 
 
-def build_gemma4_moe(module: ModuleType, config: VllmConfig, hf_config, seed: int = 0) -> torch.nn.Module:
+def build_gemma4_moe(
+    module: ModuleType, config: VllmConfig, hf_config, seed: int = 0
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """module.Gemma4MoE on the real FusedMoE, with seeded weights processed as the
-    engine does (which picks the CPU kernel path), in the config's dtype."""
+    engine does (which picks the CPU kernel path), in the config's dtype; and float64
+    copies of the weights as loaded."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype):
         moe = module.Gemma4MoE(hf_config, prefix=_prefix())
-    load_random_weights(moe, seed)
+    weights = load_random_weights(moe, seed)
     process_weights_after_loading(moe, config.model_config, torch.device("cpu"))
-    return moe
+    return moe, weights
 
 
 def build_qwen3_block(

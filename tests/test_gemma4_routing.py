@@ -68,7 +68,7 @@ def build(gemma4: Gemma4, top_k: int = TOP_K, seed: int = 0) -> torch.nn.Module:
     """A Gemma4MoE on the kernel's path whose per_expert_scale was loaded in
     place with values in [0.5, 1.5)."""
     hf_config = gemma4_config(top_k, moe_intermediate_size=gemma4.kernel.case.moe_intermediate)
-    moe = build_gemma4_moe(gemma4.module, gemma4.config, hf_config, seed)
+    moe, _ = build_gemma4_moe(gemma4.module, gemma4.config, hf_config, seed)
     gemma4.kernel.check(moe.experts)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
