@@ -1,6 +1,6 @@
 """Tiny quantized Gemma4 MoE checkpoints, written from a float Gemma4 checkpoint in
 transformers' layout (Gemma4ForCausalLM: model.layers.N.experts.gate_up_proj
-[E, 2I, H] and experts.down_proj [E, H, I]).
+[E, 2I, H] and experts.down_proj [E, H, I]), such as tiny_gemma4's.
 
 Only the routed experts are quantized; every other tensor is kept in bfloat16 and
 named as in the real checkpoints, under model.language_model.*. Each format uses
@@ -40,32 +40,6 @@ AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AWQ's nibble order within an int32
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 FP8_MAX, FP4_MAX = 448.0, 6.0
 PREFIX = "model.language_model."  # where the real checkpoints keep the text model
-# The float source until the tiny Gemma4 checkpoint of make-tiny-checkpoints is
-# used instead: the smallest Gemma4 MoE that Marlin's MoE kernel would take (hidden % 128, moe
-# intermediate % 64) with one sliding and one full-attention k_eq_v layer.
-CONFIG = {
-    "architectures": ["Gemma4ForCausalLM"],
-    "vocab_size": 272,
-    "vocab_size_per_layer_input": 272,
-    "hidden_size": 256,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "layer_types": ["sliding_attention", "full_attention"],
-    "sliding_window": 8,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_global_key_value_heads": 1,
-    "head_dim": 64,
-    "global_head_dim": 64,
-    "attention_k_eq_v": True,
-    "hidden_size_per_layer_input": 0,
-    "enable_moe_block": True,
-    "num_experts": 8,
-    "top_k_experts": 2,
-    "moe_intermediate_size": 64,
-    "tie_word_embeddings": True,
-}
-SOURCE = "gemma4-moe-tiny-bf16"  # the float checkpoint make-tiny-checkpoints writes
 # Modules that stay unquantized, as vLLM names them (only the experts are quantized).
 DENSE_MODULES = ["self_attn", "mlp", "router", "lm_head"]
 
@@ -200,41 +174,6 @@ def nvfp4(
     return tensors, decoded
 
 
-def float_weights(seed: int) -> dict[str, torch.Tensor]:
-    """transformers' Gemma4ForCausalLM tensors for CONFIG, drawn from a seeded generator
-    so that activations stay near unit size and the logits are spread out."""
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-    gen = torch.Generator().manual_seed(seed)
-    names = Gemma4ForCausalLM(Gemma4TextConfig(**CONFIG)).state_dict()
-    weights = {}
-    for name, t in names.items():
-        if name.endswith("per_expert_scale"):
-            weights[name] = 0.5 + torch.rand(t.shape, generator=gen)
-        elif name.endswith("layer_scalar"):
-            weights[name] = torch.ones(t.shape)
-        elif t.dim() == 1:  # norms and the router's scale
-            weights[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
-        elif name.endswith("embed_tokens.weight"):
-            weights[name] = torch.randn(t.shape, generator=gen)
-        else:  # [..., out, in]
-            weights[name] = torch.randn(t.shape, generator=gen) / t.shape[-1] ** 0.5
-    return weights
-
-
-def write_source(dest: Path, seed: int) -> None:
-    """The float checkpoint (bfloat16 values, transformers' names) the quantized ones come from."""
-    from safetensors.torch import save_file
-
-    dest.mkdir(parents=True, exist_ok=True)
-    config = {**CONFIG, "model_type": "gemma4_text", "torch_dtype": "bfloat16"}
-    (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {
-        k: v.to(torch.bfloat16).contiguous() for k, v in float_weights(seed).items() if k != "lm_head.weight"
-    }
-    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
-
-
 # --- checkpoints --------------------------------------------------------------------
 
 
@@ -296,7 +235,8 @@ def write(source: Path, dest: Path, fmt: str) -> None:
         if path.is_file() and path.name not in ("config.json", "model.safetensors"):
             (dest / path.name).write_bytes(path.read_bytes())
     config = json.loads((source / "config.json").read_text())
-    config |= {"torch_dtype": "bfloat16", "quantization_config": quantization_config(fmt)}
+    config.pop("torch_dtype", None)  # transformers 5 writes "dtype"
+    config |= {"dtype": "bfloat16", "quantization_config": quantization_config(fmt)}
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors, _ = quantize(load_file(source / "model.safetensors"), fmt)
     save_file(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import quantized_gemma4
+import tiny_gemma4
 import torch
 from moe_layers import load_variant
 from series_helpers import fix_of
@@ -43,7 +44,7 @@ NOT_CARRIED = re.compile(r"(g_idx|g_idx_sort_indices|weight_shape|attn\.[qkv]_(s
 
 @pytest.fixture(scope="module")
 def float_state() -> dict[str, torch.Tensor]:
-    return quantized_gemma4.float_weights(seed=0)
+    return {name: t.detach().clone() for name, t in tiny_gemma4.make_model(seed=0).state_dict().items()}
 
 
 def build(variant: str, workdir: Path, fmt: str | None):
@@ -54,7 +55,8 @@ def build(variant: str, workdir: Path, fmt: str | None):
 
     model_dir = workdir / f"{variant}-{fmt}"
     model_dir.mkdir(exist_ok=True)
-    config = {**quantized_gemma4.CONFIG, "model_type": "gemma4_text", "torch_dtype": "bfloat16"}
+    config = {**tiny_gemma4.CONFIG, "model_type": "gemma4_text", "architectures": ["Gemma4ForCausalLM"]}
+    config["dtype"] = "bfloat16"
     if fmt:
         config["quantization_config"] = quantized_gemma4.quantization_config(fmt)
     (model_dir / "config.json").write_text(json.dumps(config))
@@ -104,7 +106,7 @@ def test_compressed_tensors_packed_experts(variant, moe_workdir, vllm_distribute
         return
     model.load_weights(iter(tensors.items()))
     checked = assert_every_slot_written(model, re.compile(r"experts\.w(13|2)_weight_(packed|scale)$"))
-    assert len(checked) == 4 * quantized_gemma4.CONFIG["num_hidden_layers"]
+    assert len(checked) == 4 * tiny_gemma4.CONFIG["num_hidden_layers"]
 
 
 def nvfp4_names_with_float_experts(float_state) -> dict[str, torch.Tensor]:
@@ -138,7 +140,7 @@ def test_modelopt_names_already_under_moe(variant, moe_workdir, vllm_distributed
         return
     model.load_weights(iter(tensors.items()))
     assert_every_slot_written(model, re.compile(r"experts\.w(13|2)_weight$"))
-    for layer in range(quantized_gemma4.CONFIG["num_hidden_layers"]):
+    for layer in range(tiny_gemma4.CONFIG["num_hidden_layers"]):
         experts = model.model.layers[layer].moe.experts
         expected = float_state[f"model.layers.{layer}.experts.gate_up_proj"].to(torch.bfloat16)
         assert torch.equal(experts.w13_weight.detach(), expected)
