@@ -8,6 +8,7 @@ from pathlib import Path
 
 from build_helpers import REPO
 from overlaytools import patching
+from packaging.version import InvalidVersion, Version
 
 PATCHES = patching.series(REPO / "patches")
 FILES = patching.touched_files(PATCHES)  # every file the series changes or adds
@@ -62,3 +63,24 @@ def provenance(patch: Path) -> dict[str, str]:
     """The `Field: value` lines of a patch's message."""
     message = patch.read_text().split("\n---\n", 1)[0]
     return dict(re.findall(r"^([A-Z][\w-]+): (.+)$", message, re.M))
+
+
+def fix_of(pull_request: str) -> Path:
+    """The patch whose Origin names the upstream pull request (its URL)."""
+    (patch,) = [p for p in PATCHES if patching.origin(p.read_text()).endswith(", " + pull_request)]
+    return patch
+
+
+UNRELEASED = re.compile(r"unreleased, https://\S+")
+
+
+def applied_upstream(value: str) -> Version | None:
+    """An Applied-Upstream value: the first release with the fix, or None for a fix
+    merged upstream that no release has yet, written 'unreleased, <merge commit URL>'.
+    Raises ValueError for anything else."""
+    if UNRELEASED.fullmatch(value):
+        return None
+    try:
+        return Version(value)
+    except InvalidVersion:
+        raise ValueError(f"Applied-Upstream {value!r} is neither a release nor 'unreleased, <URL>'") from None

@@ -21,6 +21,7 @@ BUG_TESTS = [
     "tests/test_gemma4_routing.py",
     "tests/test_gemma4_activation.py",
     "tests/test_qwen3_moe_block.py",
+    "tests/quantization/test_gemma4_quantized_names.py",
 ]
 
 

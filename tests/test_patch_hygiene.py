@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from build_helpers import LOCK, REPO, upstream_path
 from overlaytools import patching
-from packaging.version import Version
-from series_helpers import ADDED, CHANGED, FILES, MODULES, PATCHES, provenance
+from series_helpers import ADDED, CHANGED, FILES, MODULES, PATCHES, applied_upstream, provenance
 
 VENV = Path(os.environ.get("VLLM_OVERLAY_VENV", sys.prefix))
 CPU, CUDA = (LOCK.wheels(LOCK.pin, [f], ["x86_64"])[0] for f in ("cpu", "cuda"))
@@ -81,15 +80,35 @@ def test_number_prefixes_follow_the_series_order():
     assert [p.name[:5] for p in PATCHES] == [f"{n:04d}-" for n in range(1, len(PATCHES) + 1)]
 
 
+# What each field holds (MAINTAINING.md, "Add a backport", step 4).
+FIELDS = {
+    "Origin": "'backport, <PR URL>' or 'upstream, <PR URL>'",
+    "Bug": "the upstream issue's URL, or the pull request's where upstream filed no issue",
+    "Applied-Upstream": "the first release with the fix, or 'unreleased, <merge commit URL>'",
+}
+
+
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name[:4])
 def test_patch_carries_its_provenance(patch):
     fields = provenance(patch)
+    missing = [f"{name}: ({what})" for name, what in FIELDS.items() if name not in fields]
+    assert not missing, f"{patch.name} has no {'; no '.join(missing)} line in its message"
     kind, _, url = fields["Origin"].partition(", ")
-    assert kind in ("backport", "upstream") and re.fullmatch(r"https://\S+", url)
-    assert re.fullmatch(r"https://\S+", fields["Bug"])
-    Version(fields["Applied-Upstream"])  # the first release with the fix
+    assert kind in ("backport", "upstream") and re.fullmatch(r"https://\S+", url), (
+        f"{patch.name}: Origin is {fields['Origin']!r}, not {FIELDS['Origin']}"
+    )
+    assert re.fullmatch(r"https://\S+", fields["Bug"]), (
+        f"{patch.name}: Bug is {fields['Bug']!r}, not {FIELDS['Bug']}"
+    )
+    try:
+        applied_upstream(fields["Applied-Upstream"])
+    except ValueError:
+        value = fields["Applied-Upstream"]
+        pytest.fail(f"{patch.name}: Applied-Upstream is {value!r}, not {FIELDS['Applied-Upstream']}")
     if kind == "backport":  # how the backport differs from upstream
-        assert len(fields["Backport"]) > 40
+        assert len(fields.get("Backport", "")) > 40, (
+            f"{patch.name}: a backport says in Backport: how it differs"
+        )
 
 
 def _run_in_venv(code: str, *args: str, **env: str) -> str:

@@ -6,19 +6,33 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import re
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
-from build_helpers import GIT_ENV, LOCK, cache_dir, copy_repo, run_build, run_script
+from build_helpers import GIT_ENV, LOCK, cache_dir, copy_repo, run_build, run_script, upstream_path
 from overlaytools import gitrepo, patching, sources
-from series_helpers import PATCHES, TEST_PROVENANCE, files_of, provenance
+from series_helpers import FILES, PATCHES, TEST_PROVENANCE, files_of, provenance
 
 NAMES = [p.name for p in PATCHES]
 QWEN3_FILE = "vllm/model_executor/models/qwen3_moe.py"
-DEEPSEEK_FILE = "vllm/model_executor/models/deepseek_v2.py"
+
+
+def untouched_model_file() -> str:
+    """The first model file of the release (by name) that no patch of the series touches."""
+    (artifact,) = LOCK.wheels(LOCK.pin, ["cpu"], ["x86_64"])
+    with zipfile.ZipFile(upstream_path(artifact)) as zf:
+        models = sorted(
+            n for n in zf.namelist() if re.fullmatch(r"vllm/model_executor/models/[a-z]\w*\.py", n)
+        )
+    return next(rel for rel in models if rel not in FILES)
+
+
+UNTOUCHED_FILE = untouched_model_file()
+FIRST_LINE = "# SPDX-License-Identifier: Apache-2.0\n"  # every model file's
 ONE_WHEEL = ["--offline", "--flavour", "cpu", "--arch", sources.host_arch()]
 
 
@@ -111,8 +125,8 @@ def test_import_is_the_release_then_one_commit_per_patch(imported):
     # The upstream commit holds every vllm/**.py of the release, as the release's blobs.
     names = git(queue, "ls-tree", "-r", "--name-only", "upstream").stdout.split()
     assert len(names) > 1000 and all(n.startswith("vllm/") and n.endswith(".py") for n in names)
-    blob = git(queue, "rev-parse", f"upstream:{DEEPSEEK_FILE}").stdout.strip()
-    assert blob == blob_id(pristine(DEEPSEEK_FILE))
+    blob = git(queue, "rev-parse", f"upstream:{UNTOUCHED_FILE}").stdout.strip()
+    assert blob == blob_id(pristine(UNTOUCHED_FILE))
     log = git(queue, "log", "--reverse", "--format=%an <%ae>|%aD|%s", "upstream..HEAD").stdout
     messages = [gitrepo.read_message(p) for p in PATCHES]
     assert log.splitlines() == [
@@ -144,11 +158,7 @@ THIRD = {
         "        final_hidden_states = (\n            # shared experts first\n",
     ),
     # A file no patch touched before.
-    DEEPSEEK_FILE: (
-        "        shared_output, final_hidden_states = fused_moe_out\n",
-        "        # (shared, routed), as SharedFusedMoE returns them\n"
-        "        shared_output, final_hidden_states = fused_moe_out\n",
-    ),
+    UNTOUCHED_FILE: (FIRST_LINE, FIRST_LINE + "# (shared, routed), as SharedFusedMoE returns them\n"),
 }
 
 
@@ -189,10 +199,10 @@ def test_new_patch_exports_last_and_leaves_the_others_alone(imported, three_patc
         assert (three_patches / "patches" / name).read_bytes() == (imported / "patches" / name).read_bytes()
     text = new.read_text()
     assert "From: Upstream Contributor <contributor@invalid>" in text and TEST_PROVENANCE in text
-    assert files_of(new) == [DEEPSEEK_FILE, QWEN3_FILE]
+    assert files_of(new) == sorted([UNTOUCHED_FILE, QWEN3_FILE])
     overlay = three_patches / "overlay"
     assert "# shared experts first" in (overlay / QWEN3_FILE).read_text()
-    assert "# (shared, routed)" in (overlay / DEEPSEEK_FILE).read_text()
+    assert "# (shared, routed)" in (overlay / UNTOUCHED_FILE).read_text()
     assert "self.experts.is_internal_router" in (overlay / QWEN3_FILE).read_text()
 
 
@@ -205,7 +215,7 @@ def test_added_patch_passes_the_guards_and_reaches_the_wheel(three_patches, tmp_
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        for rel in (DEEPSEEK_FILE, QWEN3_FILE):
+        for rel in (UNTOUCHED_FILE, QWEN3_FILE):
             assert zf.read(rel) == (three_patches / "overlay" / rel).read_bytes()
 
 
@@ -235,7 +245,7 @@ def test_dropping_the_added_patch_removes_its_patch_and_overlay_file(imported, t
     git(repo / ".patch-queue", "reset", "-q", "--hard", "HEAD~1")
     result = export(repo)
     assert result.returncode == 0, result.stderr
-    assert f"removed overlay/{DEEPSEEK_FILE}" in result.stderr
+    assert f"removed overlay/{UNTOUCHED_FILE}" in result.stderr
     assert state(repo) == state(imported)
 
 
@@ -302,15 +312,15 @@ def _unrelated_history(queue: Path) -> str:
 
 
 def _deleted_file(queue: Path) -> str:
-    git(queue, "rm", "-q", DEEPSEEK_FILE)
+    git(queue, "rm", "-q", UNTOUCHED_FILE)
     git(queue, "commit", "-q", "-m", f"Remove a module\n\n{TEST_PROVENANCE}")
-    return f"deletes {DEEPSEEK_FILE}: patches may change or add files, not delete or rename them"
+    return f"deletes {UNTOUCHED_FILE}: {patching.ONLY_CHANGE_OR_ADD}"
 
 
 def _renamed_file(queue: Path) -> str:
-    git(queue, "mv", DEEPSEEK_FILE, DEEPSEEK_FILE.replace(".py", "_renamed.py"))
+    git(queue, "mv", UNTOUCHED_FILE, UNTOUCHED_FILE.replace(".py", "_renamed.py"))
     git(queue, "commit", "-q", "-m", f"Rename a module\n\n{TEST_PROVENANCE}")
-    return f"deletes {DEEPSEEK_FILE}: patches may change or add files, not delete or rename them"
+    return f"deletes {UNTOUCHED_FILE}: {patching.ONLY_CHANGE_OR_ADD}"
 
 
 def _detached_behind(queue: Path) -> str:
@@ -347,7 +357,7 @@ def test_import_refuses_to_overwrite_a_queue(repo):
     assert git(queue, "rev-parse", "HEAD").stdout == head
 
 
-STRAY = "overlay/" + DEEPSEEK_FILE
+STRAY = "overlay/" + UNTOUCHED_FILE
 
 
 @pytest.mark.parametrize(
@@ -361,7 +371,7 @@ STRAY = "overlay/" + DEEPSEEK_FILE
 )
 def test_overlay_file_no_patch_touches_is_refused(command, tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    (repo / STRAY).write_bytes(pristine(DEEPSEEK_FILE).replace(b"shared_output", b"shared_out"))
+    (repo / STRAY).write_bytes(pristine(UNTOUCHED_FILE) + b"# changed by no patch\n")
     before = state(repo)
     if command[0] == "build.sh":
         result = run_build(*command[1:], "--out-dir", str(tmp_path / "out"), repo=repo)

@@ -1,7 +1,7 @@
-"""The suite follows the series: a copy of the repository gets a third backport the
+"""The suite follows the series: a copy of the repository gets one more backport the
 way MAINTAINING.md says (patch queue, provenance, export, label, build), one that
-changes qwen3_moe.py again and adds a module vLLM does not have, and the
-patch-level tests pass there, run by pytest in the copy."""
+changes qwen3_moe.py again, changes deepseek_v2.py and adds a module vLLM does not
+have, and the patch-level tests pass there, run by pytest in the copy."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ from overlaytools import patching
 from series_helpers import PATCHES, TEST_PROVENANCE
 
 CHANGED_AGAIN = "vllm/model_executor/models/qwen3_moe.py"
+# The file the patch-queue tests once took as one no patch touches.
+NEWLY_CHANGED = "vllm/model_executor/models/deepseek_v2.py"
 NEW_MODULE = "vllm/model_executor/models/overlay_probe.py"
 # The tests that need only the repository and the build cache: the patches, the
 # maintainers' tools, the built wheels, the plugin wheel and its loader in vLLM.
 PATCH_LEVEL = [
     "tests/test_patch_hygiene.py",
+    "tests/test_patch_queue.py",
     "tests/test_maintenance.py",
     "tests/test_build_wheels.py",
     "tests/test_plugin.py",
@@ -48,10 +51,11 @@ def add_backport(repo: Path) -> None:
     result = run_script(repo, "patch-queue", "import", "--offline")
     assert result.returncode == 0, result.stderr
     queue = repo / ".patch-queue"
-    with open(queue / CHANGED_AGAIN, "a") as module:
-        module.write("\n\n# Changed again by the third backport.\n")
+    for rel in (CHANGED_AGAIN, NEWLY_CHANGED):
+        with open(queue / rel, "a") as module:
+            module.write("\n\n# Changed by the added backport.\n")
     (queue / NEW_MODULE).write_text('"""A module that vLLM 0.19.1 does not have."""\n\nADDED = True\n')
-    git(queue, "add", CHANGED_AGAIN, NEW_MODULE)
+    git(queue, "add", CHANGED_AGAIN, NEWLY_CHANGED, NEW_MODULE)
     git(
         queue,
         "commit",
@@ -68,12 +72,13 @@ def add_backport(repo: Path) -> None:
     (repo / "upstream.lock.json").write_text(json.dumps(lock, indent=1) + "\n")
 
 
-def test_patch_level_tests_pass_with_a_third_backport_that_adds_a_module(tmp_path):
+def test_patch_level_tests_pass_with_one_more_backport(tmp_path):
     repo = copy_checkout(tmp_path / "repo")
     add_backport(repo)
     series = patching.series_names((repo / "patches" / "series").read_text())
     assert series[:-1] == [p.name for p in PATCHES] and series[-1].startswith(f"{len(PATCHES) + 1:04d}-")
     assert (repo / "overlay" / NEW_MODULE).is_file()
+    assert "# Changed by the added backport." in (repo / "overlay" / NEWLY_CHANGED).read_text()
 
     # Every wheel, so the built-wheel tests see the added module in each flavour.
     build = run_build("--offline", repo=repo)

@@ -32,7 +32,9 @@ from pathlib import Path
 from . import schema
 
 NAME = "vllm_moe_overlay"  # the entry point's name: what VLLM_PLUGINS lists
-FILES = Path(__file__).resolve().parent / "files"
+# Not resolved: the served modules are named by the path Python found the package at, as
+# every other module is (a cache or venv reached through a symlink stays as given).
+FILES = Path(__file__).parent / "files"
 # A child of vLLM's logger, so vLLM's handler formats these lines in its processes.
 logger = logging.getLogger(f"vllm.{NAME}")
 

@@ -81,6 +81,68 @@ def gemma4_moe_activation(source: str) -> Finding:
     return Finding(UNKNOWN, f"Gemma4's experts are built with activation values {values}")
 
 
+def gemma4_packed_expert_names(source: str) -> Finding:
+    """Gemma4Model.load_weights must map compressed-tensors' underscore-suffixed expert
+    names (experts.{id}.down_proj_packed, ..._scale) as well as the dot-suffixed ones:
+    an f-string that ends a weight name in "_" after stripping its trailing dot."""
+    load = _method(ast.parse(source), "Gemma4Model", "load_weights")
+    if load is None:
+        return Finding(UNKNOWN, "Gemma4Model has no load_weights of its own")
+    strings = [n for n in ast.walk(load) if isinstance(n, ast.JoinedStr) and n.values]
+    if any(_ends_in_underscore_after_rstrip(s) for s in strings):
+        return Finding(FIXED, "load_weights maps underscore-suffixed expert names (_packed, _scale)")
+    if any("experts." in ast.unparse(s) for s in strings):
+        return Finding(BUGGY, "load_weights maps only dot-suffixed expert names (experts.{id}.{proj}.)")
+    if _delegates_to_auto_loader(load):
+        return Finding(FIXED, _GENERIC_LOADER)
+    return Finding(UNKNOWN, "load_weights builds no expert names")
+
+
+def gemma4_expert_prefix(source: str) -> Finding:
+    """The rewrite of per-expert names to .moe.experts.{id}. must skip names that
+    already have .moe before .experts (ModelOpt NVFP4 checkpoints)."""
+    patterns = [
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.endswith(r"\.experts\.(\d+)\.")
+    ]
+    if not patterns:
+        load = _method(ast.parse(source), "Gemma4Model", "load_weights")
+        if load is not None and _delegates_to_auto_loader(load):
+            return Finding(FIXED, "no rewrite of per-expert names is left: " + _GENERIC_LOADER)
+        return Finding(UNKNOWN, "no rewrite of per-expert names")
+    if all(pattern.startswith(r"(?<!\.moe)") for pattern in patterns):
+        return Finding(FIXED, "the rewrite skips names already under .moe.experts")
+    return Finding(BUGGY, "the rewrite adds .moe also before .moe.experts")
+
+
+# Upstream PR #55911 replaced Gemma4's own loader (0.23.0 still has it, 0.33.0 not) by
+# AutoWeightsLoader and WeightsMapper entries; it reports the compressed-tensors
+# cyankiwi/gemma-4-26B-A4B-it-AWQ-4bit served with that loader.
+_GENERIC_LOADER = "Gemma4Model.load_weights hands every tensor to AutoWeightsLoader (upstream #55911)"
+
+
+def _delegates_to_auto_loader(load: ast.FunctionDef) -> bool:
+    """The method builds an AutoWeightsLoader and has no loop of its own over the weights."""
+    calls = [
+        n for n in ast.walk(load) if isinstance(n, ast.Call) and _last_name(n.func) == "AutoWeightsLoader"
+    ]
+    return bool(calls) and not any(isinstance(n, ast.For) for n in ast.walk(load))
+
+
+def _ends_in_underscore_after_rstrip(string: ast.JoinedStr) -> bool:
+    *rest, last = string.values
+    return (
+        isinstance(last, ast.Constant)
+        and last.value == "_"
+        and bool(rest)
+        and isinstance(rest[-1], ast.FormattedValue)
+        and "rstrip" in ast.unparse(rest[-1].value)
+    )
+
+
 # Each detector belongs to one upstream fix, named by the pull request that a
 # patch's Origin field links; it reads the one file that fix changes.
 DETECTORS = {
@@ -95,6 +157,14 @@ DETECTORS = {
     "https://github.com/vllm-project/vllm/pull/41574": (
         "vllm/model_executor/models/gemma4.py",
         gemma4_moe_activation,
+    ),
+    "https://github.com/vllm-project/vllm/pull/40708": (
+        "vllm/model_executor/models/gemma4.py",
+        gemma4_packed_expert_names,
+    ),
+    "https://github.com/vllm-project/vllm/pull/41206": (
+        "vllm/model_executor/models/gemma4.py",
+        gemma4_expert_prefix,
     ),
 }
 

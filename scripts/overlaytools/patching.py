@@ -19,8 +19,6 @@ from .lock import REPO
 PATCHES = REPO / "patches"
 OVERLAY = REPO / "overlay"
 _DIFF_HEADER = re.compile(r"^diff --git a/(\S+) b/", re.M)
-# A file's `diff --git` line and extended header (mode, index, new/deleted file, rename).
-_FILE_HEADER = re.compile(r"^diff --git a/(\S+) b/(\S+)\n(?:[a-z].*\n)*", re.M)
 _FAILED_AT = re.compile(r"patch failed: (\S+):(\d+)")
 _ORIGIN = re.compile(r"^Origin: *(\S.*)$", re.M)
 
@@ -82,7 +80,7 @@ def touched_files(patches: list[Path]) -> list[str]:
     """Repository-relative paths the patches change or add, in first-seen order."""
     paths: dict[str, None] = {}
     for patch in patches:
-        paths.update(dict.fromkeys(_file_headers(patch)))
+        paths.update(dict.fromkeys(check_format(patch)))
     return list(paths)
 
 
@@ -112,10 +110,12 @@ def target_problem(path: str) -> str | None:
     return None
 
 
-def check_format(patch: Path) -> None:
-    """Refuse a patch the build cannot trust to reach the wheels exactly: not UTF-8,
-    not in git's format (a 'diff --git' section for each file, a/ and b/ paths),
-    a path outside vllm/, or a deletion, rename, copy, mode or binary change."""
+def check_format(patch: Path) -> dict[str, str]:
+    """Each file of a patch -> its `diff --git` line and extended header. The one reader
+    of patch headers: it refuses a patch the build cannot trust to reach the wheels
+    exactly: not UTF-8, not in git's format (a 'diff --git' section for each file, a/
+    and b/ paths), a path outside vllm/, or a deletion, rename, copy, mode or binary
+    change."""
     data = patch.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -123,8 +123,10 @@ def check_format(patch: Path) -> None:
         raise OverlayError(
             f"{patch.name} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})"
         ) from None
+    headers: dict[str, str] = {}
     current = None  # the file of the 'diff --git' section being read
-    sections = old = new = 0  # old, new: lines left in the current hunk
+    in_header = False  # between a 'diff --git' line and the section's first ---/+++/@@
+    old = new = 0  # lines left in the current hunk
     for number, line in enumerate(text.split("\n"), 1):
         if old > 0 or new > 0:  # a hunk body; an empty line is blank context
             old -= line[:1] in (" ", "-", "")
@@ -136,36 +138,45 @@ def check_format(patch: Path) -> None:
             if not found:
                 raise OverlayError(f"{where}: cannot read {line!r}")
             if found.group(1) != found.group(2):
-                raise OverlayError(
-                    f"{patch.name} renames {found.group(1)} to {found.group(2)}: "
-                    "patches may only change or add files"
-                )
-            current = found.group(1)
+                _refuse(patch, "renames", f"{found.group(1)} to {found.group(2)}")
+            current, in_header = found.group(1), True
             problem = target_problem(current)
             if problem:
                 raise OverlayError(f"{patch.name}: {problem}")
-            sections += 1
+            headers[current] = line + "\n"
         elif line.startswith(("--- ", "+++ ", "@@ ")) and current is None:
             raise OverlayError(
                 f"{where}: {line!r} has no 'diff --git' header; the patch is not "
                 "in git's format (write it with git format-patch)"
             )
         elif line.startswith(("--- ", "+++ ")):
+            in_header = False
             side = "a/" if line[0] == "-" else "b/"
             if line == "+++ /dev/null":
-                raise OverlayError(f"{patch.name} deletes {current}: patches may only change or add files")
+                _refuse(patch, "deletes", current)
             if line[4:] not in (side + current, "/dev/null"):
                 raise OverlayError(f"{where}: {line!r} does not name {side}{current}")
         elif current is not None and (hunk := _HUNK.match(line)):
+            in_header = False
             old, new = (int(n) if n is not None else 1 for n in hunk.groups())
         elif current is not None:
             verb = next((v for h, v in _REFUSED_HEADERS.items() if line.startswith(h)), None)
             if line.startswith(("new file mode ", "new mode ")) and line.split()[-1] not in _FILE_MODES:
                 verb = f"gives mode {line.split()[-1]} (a symlink or submodule) to"
             if verb:
-                raise OverlayError(f"{patch.name} {verb} {current}: patches may only change or add files")
-    if not sections:
+                _refuse(patch, verb, current)
+            if in_header:
+                headers[current] += line + "\n"
+    if not headers:
         raise OverlayError(f"{patch.name} has no 'diff --git' section: it changes no file")
+    return headers
+
+
+ONLY_CHANGE_OR_ADD = "patches may only change or add files"
+
+
+def _refuse(patch: Path, verb: str, path: str) -> None:
+    raise OverlayError(f"{patch.name} {verb} {path}: {ONLY_CHANGE_OR_ADD}")
 
 
 def added_files(patches: list[Path]) -> list[str]:
@@ -173,32 +184,9 @@ def added_files(patches: list[Path]) -> list[str]:
     return [
         rel
         for patch in patches
-        for rel, header in _file_headers(patch).items()
+        for rel, header in check_format(patch).items()
         if "\nnew file mode " in header
     ]
-
-
-def _file_headers(patch: Path) -> dict[str, str]:
-    """Each file of a patch -> its `diff --git` line and extended header; refuses a
-    patch that deletes, renames or copies a file."""
-    headers = {}
-    for found in _FILE_HEADER.finditer(patch.read_text()):
-        old, new, header = found.group(1), found.group(2), found.group(0)
-        what = (
-            "deletes"
-            if "\ndeleted file mode " in header
-            else "copies"
-            if "\ncopy from " in header
-            else "renames"
-            if old != new
-            else ""
-        )
-        if what:
-            raise OverlayError(
-                f"{patch.name} {what} {old}: patches may change or add files, not delete, rename or copy them"
-            )
-        headers[new] = header
-    return headers
 
 
 def origin(message: str) -> str | None:

@@ -296,10 +296,7 @@ def _check_commit(git: gitrepo.Git, commit: str) -> None:
             raise OverlayError(f"{_describe(git, commit)} changes {rel}, which the build refuses: {problem}")
         if status not in ("M", "A"):
             what = "deletes" if status == "D" else f"changes the type of ({status})"
-            raise OverlayError(
-                f"{_describe(git, commit)} {what} {rel}: patches may change "
-                "or add files, not delete or rename them"
-            )
+            raise OverlayError(f"{_describe(git, commit)} {what} {rel}: {patching.ONLY_CHANGE_OR_ADD}")
 
 
 def _describe(git: gitrepo.Git, commit: str) -> str:
