@@ -103,7 +103,7 @@ def parse_status(stdout: str) -> dict[str, dict]:
 
 
 # The releases read: the pin, those before and after each fix, and the newest.
-RELEASES = ["0.19.1", "0.20.0", "0.20.2", "0.21.0", "0.22.0", "latest"]
+RELEASES = ["0.19.1", "0.20.0", "0.20.2", "0.21.0", "0.22.0", "0.23.0", "latest"]
 
 
 def fixed_from(patch: Path) -> Version | None:

@@ -118,6 +118,28 @@ def gemma4_expert_prefix(source: str) -> Finding:
     return Finding(BUGGY, "the rewrite adds .moe also before .moe.experts")
 
 
+def wna16_moe_activation(source: str) -> Finding:
+    """MoeWNA16Method.apply must hand the layer's activation to the experts it calls
+    (fused_experts, or later a modular kernel's apply) instead of asserting SiLU."""
+    apply = _method(ast.parse(source), "MoeWNA16Method", "apply")
+    if apply is None:
+        return Finding(UNKNOWN, "MoeWNA16Method has no apply")
+    passes = [
+        call
+        for call in ast.walk(apply)
+        if isinstance(call, ast.Call)
+        and any(kw.arg == "activation" and ast.unparse(kw.value) == "layer.activation" for kw in call.keywords)
+    ]
+    asserts_silu = any(isinstance(n, ast.Assert) and "SILU" in ast.unparse(n.test) for n in ast.walk(apply))
+    if passes and not asserts_silu:
+        return Finding(FIXED, "MoeWNA16Method.apply hands layer.activation to the experts")
+    if asserts_silu or any(
+        isinstance(n, ast.Call) and _last_name(n.func) == "fused_experts" for n in ast.walk(apply)
+    ):
+        return Finding(BUGGY, "MoeWNA16Method.apply asserts SiLU and runs fused_experts with its default")
+    return Finding(UNKNOWN, "MoeWNA16Method.apply hands no activation to any call")
+
+
 # Upstream PR #55911 replaced Gemma4's own loader (0.23.0 still has it, 0.33.0 not) by
 # AutoWeightsLoader and WeightsMapper entries; it reports the compressed-tensors
 # cyankiwi/gemma-4-26B-A4B-it-AWQ-4bit served with that loader.
@@ -165,6 +187,11 @@ DETECTORS = {
     "https://github.com/vllm-project/vllm/pull/41206": (
         "vllm/model_executor/models/gemma4.py",
         gemma4_expert_prefix,
+    ),
+    # The one file of #42027 that keeps its path up to the newest release read.
+    "https://github.com/vllm-project/vllm/pull/42027": (
+        "vllm/model_executor/layers/quantization/moe_wna16.py",
+        wna16_moe_activation,
     ),
 }
 
