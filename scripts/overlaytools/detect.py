@@ -128,7 +128,9 @@ def wna16_moe_activation(source: str) -> Finding:
         call
         for call in ast.walk(apply)
         if isinstance(call, ast.Call)
-        and any(kw.arg == "activation" and ast.unparse(kw.value) == "layer.activation" for kw in call.keywords)
+        and any(
+            kw.arg == "activation" and ast.unparse(kw.value) == "layer.activation" for kw in call.keywords
+        )
     ]
     asserts_silu = any(isinstance(n, ast.Assert) and "SILU" in ast.unparse(n.test) for n in ast.walk(apply))
     if passes and not asserts_silu:
