@@ -49,7 +49,11 @@ def _mutate(body: str, edits) -> str:
 def texts():
     """A tool call around the body, sometimes unclosed or with text before it."""
     return st.tuples(st.sampled_from(["", "Sure. "]), bodies, st.sampled_from([END, "", "}" + END])).map(
-        lambda t: f"{t[0]}{START}call:f{{{t[1]}}}{t[2]}" if t[2] != "}" + END else f"{t[0]}{START}call:f{{{t[1]}{t[2]}"
+        lambda t: (
+            f"{t[0]}{START}call:f{{{t[1]}}}{t[2]}"
+            if t[2] != "}" + END
+            else f"{t[0]}{START}call:f{{{t[1]}{t[2]}"
+        )
     )
 
 

@@ -22,8 +22,8 @@ from build_helpers import LOCK, cache_dir
 from overlaytools import patching, sources
 from parser_worker import MARK
 from plugin_helpers import pristine_plugin_env, pristine_vllm
-from serve_helpers import VENV
 from series_helpers import PATCHES, files_of, provenance
+from serve_helpers import VENV
 
 PARSER = "vllm/tool_parsers/gemma4_tool_parser.py"
 WORKER = Path(__file__).with_name("parser_worker.py")
@@ -52,7 +52,9 @@ def patched_vllm() -> Path:
     wheel: the venv's own vllm is whichever checkout's build ran tests/run last."""
     wheel = harness.patched_wheels()["cpu"]
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    return harness.pip_install_target(str(VENV / "bin/python"), wheel, VENV / f"patched-{digest[:16]}", digest)
+    return harness.pip_install_target(
+        str(VENV / "bin/python"), wheel, VENV / f"patched-{digest[:16]}", digest
+    )
 
 
 def variant_env(name: str) -> dict[str, str]:

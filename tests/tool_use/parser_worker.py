@@ -30,7 +30,6 @@ import os
 import sys
 import time
 
-
 MARK = "@@gemma4-parser "  # vLLM logs to stdout too
 
 
@@ -108,7 +107,9 @@ def main() -> None:
             elif case["op"] == "fuzz":
                 import parser_fuzz
 
-                result = parser_fuzz.run(parser_class, tokenizer, req, stream, case["examples"], case["bound"])
+                result = parser_fuzz.run(
+                    parser_class, tokenizer, req, stream, case["examples"], case["bound"]
+                )
             else:
                 ids = tokenizer.encode(case["text"], add_special_tokens=False)
                 cuts = splits(len(ids), case["split"])

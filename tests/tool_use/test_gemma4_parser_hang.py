@@ -14,6 +14,7 @@ import json
 import pytest
 from gemma4_tokenizer import tool_call
 from parser_variants import HANG_FIX
+from tool_call_texts import MALFORMED
 
 pytest_plugins = ["parser_fixtures"]
 
@@ -23,16 +24,6 @@ pytest_plugins = ["parser_fixtures"]
 BOUND = 2.0
 HANG_WAIT = 5.0
 
-MALFORMED = {
-    # upstream's own (vllm#41991's tests): a partial array with a stray ]
-    "pr-partial-array": ":[t:[]",
-    # upstream's: a ] inside a string closed the nested array early
-    "pr-bracket-in-string": 'a:[[<|"|>a]b<|"|>,<|"|>c<|"|>],<|"|>tail<|"|>]',
-    # found by this overlay's bounded random search over Gemma4's syntax tokens
-    "fuzz-1": "a:[}[]}",
-    "fuzz-2": ",a:[a[]a",
-    "fuzz-3": "a:[[}}[],[",
-}
 TEXTS = {name: tool_call("f", body) for name, body in MALFORMED.items()}
 # The arguments the fixed parser must give (upstream's expected value): the string
 # element "a]b" stays one element.
@@ -66,4 +57,3 @@ def test_malformed_arguments_end(parser, variant, mode, name):
                 assert arguments == [PARSED[name]]
         else:
             assert name not in PARSED and info["content"] == text
-

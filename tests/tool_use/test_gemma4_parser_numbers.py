@@ -19,39 +19,11 @@ from __future__ import annotations
 
 import json
 
-from gemma4_tokenizer import STRING_DELIM, tool_call
+from gemma4_tokenizer import tool_call
 from parser_variants import NUMBER_FIX
+from tool_call_texts import ARGUMENTS, render
 
 pytest_plugins = ["parser_fixtures"]
-
-ARGUMENTS = {
-    "lat": 108.2,
-    "lon": -22.8,
-    "count": 42,
-    "offset": -7,
-    "rate": 0.0015,
-    "avogadro": 6.02e23,
-    "tiny": -1.5e-07,
-    "zero": 0.0,
-    "whole": 2.0,
-    "ratios": [0.5, -1.25, 3, 108.2],
-    "point": {"x": -0.001, "y": 108.25},
-    "version": "1.10",
-    "zip": "00501",
-    "code": "108.2",
-    "minus": "-7",
-}
-
-
-def render(value) -> str:
-    """Gemma4's notation of a JSON value."""
-    if isinstance(value, str):
-        return f"{STRING_DELIM}{value}{STRING_DELIM}"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{render(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(render(v) for v in value) + "]"
-    return json.dumps(value)
 
 
 TEXT = tool_call("set_position", render(ARGUMENTS)[1:-1])
