@@ -1,4 +1,6 @@
-"""gemma4-moe-tiny and its transformers reference, shared by the modules here."""
+"""gemma4-moe-tiny and its transformers reference, shared by the modules here.
+
+Imports are made in the fixtures: the fast lane reads this file without torch."""
 
 from __future__ import annotations
 
@@ -6,14 +8,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import tiny_gemma4
 from build_helpers import REPO
-from serve_helpers import VENV
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """tests/make-tiny-checkpoints' gemma4-moe-tiny (seed 0)."""
+    import tiny_gemma4
+    from serve_helpers import VENV
+
     out = tmp_path_factory.mktemp("checkpoints")
     subprocess.run(
         [str(VENV / "bin/python"), str(REPO / "tests/make-tiny-checkpoints"), str(out)],
