@@ -93,6 +93,10 @@ KERNEL_CASES = {
     "torch-bf16": KernelCase("torch", torch.bfloat16, 40),
 }
 
+# The activations 0.19.1's compiled CPU MoE kernels (grouped GEMM, SGL) compute; with the
+# backport of vllm#42027 the others run on the torch path.
+COMPILED_KERNEL_ACTIVATIONS = ("silu", "swigluoai")
+
 # The GEMM op that runs the routed experts on each path.
 PATH_OPS = {
     "grouped": "_C::cpu_fused_moe",
@@ -338,6 +342,19 @@ def build_gemma4_moe(
     weights = load_random_weights(moe, seed)
     process_weights_after_loading(moe, config.model_config, torch.device("cpu"))
     return moe, weights
+
+
+def gemma4_inputs(
+    tokens: int, seed: int, dtype: torch.dtype, hidden_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (standard normal times hidden_scale) and router logits. Each
+    token's logits are the levels -2, -1.5, ..., 1.5 in random order: exact in every
+    dtype and never tied, so top-k cannot choose differently from the float64 reference."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = hidden_scale * torch.randn(tokens, HIDDEN, generator=generator)
+    order = torch.rand(tokens, NUM_EXPERTS, generator=generator).argsort(dim=-1)
+    logits = (order - NUM_EXPERTS / 2) * 0.5
+    return hidden.to(dtype), logits.to(dtype)
 
 
 def build_qwen3_block(
