@@ -1,8 +1,8 @@
-"""A local tokenizer with Gemma4's tool-call special tokens, for vLLM's Gemma4ToolParser.
+"""The tiny Gemma4 checkpoint's tokenizer on its own, for vLLM's Gemma4ToolParser.
 
-Byte level (token i is byte i) with Gemma4's tool tokens added as special tokens,
-so `<|tool_call>`, `<tool_call|>` and the string delimiter `<|"|>` are one token
-each, as in Gemma4's own tokenizer; made with `tokenizers`, nothing from a hub.
+Byte level with Gemma4's special tokens (tiny_gemma4.SPECIAL_TOKENS), so that
+`<|tool_call>`, `<tool_call|>` and the string delimiter `<|"|>` are one token each,
+as in Gemma4's own tokenizer; made with `tokenizers`, nothing from a hub.
 """
 
 from __future__ import annotations
@@ -10,36 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from byte_tokenizer import byte_level_tokenizer
+from tiny_gemma4 import SPECIAL_TOKENS, STRING_DELIM, TOOL_CALL_END, TOOL_CALL_START
 
-TOOL_CALL_START, TOOL_CALL_END, STRING_DELIM = "<|tool_call>", "<tool_call|>", '<|"|>'
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", TOOL_CALL_START, TOOL_CALL_END, STRING_DELIM]
-
-
-def byte_symbols() -> dict[str, int]:
-    """GPT-2's printable stand-in for each byte (the ByteLevel alphabet)."""
-    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    symbols = {chr(b): b for b in kept}
-    shifted = (b for b in range(256) if b not in kept)
-    for i, b in enumerate(shifted):
-        symbols[chr(256 + i)] = b
-    return symbols
+__all__ = ["STRING_DELIM", "tool_call", "write_tokenizer"]
 
 
 def write_tokenizer(directory: Path) -> Path:
     """A PreTrainedTokenizerFast in `directory` (vLLM's get_tokenizer loads it)."""
-    tokenizer = Tokenizer(models.BPE(vocab=byte_symbols(), merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-    }
+    byte_level_tokenizer(SPECIAL_TOKENS).save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>"}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 

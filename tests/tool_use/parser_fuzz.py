@@ -10,13 +10,31 @@ import signal
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from vllm.tool_parsers.gemma4_tool_parser import STRING_DELIM, TOOL_CALL_END, TOOL_CALL_START
 
-START, END, DELIM = "<|tool_call>", "<tool_call|>", '<|"|>'
 # Gemma4's argument syntax, piece by piece: what the parser's loops scan for.
-PIECES = ["a", "key", ":", ",", "[", "]", "{", "}", DELIM, "1", "108", ".", "-", "e", "true", " ", "\n"]
+PIECES = [
+    "a",
+    "key",
+    ":",
+    ",",
+    "[",
+    "]",
+    "{",
+    "}",
+    STRING_DELIM,
+    "1",
+    "108",
+    ".",
+    "-",
+    "e",
+    "true",
+    " ",
+    "\n",
+]
 VALID = [
-    'location:<|"|>Paris, France<|"|>,unit:<|"|>celsius<|"|>',
-    'items:[<|"|>a]b<|"|>,[1,2.5,-3],{x:108.2}],flag:true',
+    f"location:{STRING_DELIM}Paris, France{STRING_DELIM},unit:{STRING_DELIM}celsius{STRING_DELIM}",
+    f"items:[{STRING_DELIM}a]b{STRING_DELIM},[1,2.5,-3],{{x:108.2}}],flag:true",
     "nested:{inner:{deep:[[1],[2,[3]]]}},n:-1.5e-3",
 ]
 
@@ -47,14 +65,11 @@ def _mutate(body: str, edits) -> str:
 
 
 def texts():
-    """A tool call around the body, sometimes unclosed or with text before it."""
-    return st.tuples(st.sampled_from(["", "Sure. "]), bodies, st.sampled_from([END, "", "}" + END])).map(
-        lambda t: (
-            f"{t[0]}{START}call:f{{{t[1]}}}{t[2]}"
-            if t[2] != "}" + END
-            else f"{t[0]}{START}call:f{{{t[1]}{t[2]}"
-        )
-    )
+    """A tool call around the body: with or without text before it; closed, unclosed,
+    or with a doubled closing brace."""
+    ends = ["}" + TOOL_CALL_END, "}", "}}" + TOOL_CALL_END]
+    parts = st.tuples(st.sampled_from(["", "Sure. "]), bodies, st.sampled_from(ends))
+    return parts.map(lambda t: f"{t[0]}{TOOL_CALL_START}call:f{{{t[1]}{t[2]}")
 
 
 def run(parser_class, tokenizer, req, stream, examples: int, bound: float) -> dict:
