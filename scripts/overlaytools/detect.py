@@ -81,6 +81,42 @@ def gemma4_moe_activation(source: str) -> Finding:
     return Finding(UNKNOWN, f"Gemma4's experts are built with activation values {values}")
 
 
+GEMMA4_ARG_PARSERS = ("_parse_gemma4_args", "_parse_gemma4_array")
+
+
+def gemma4_parser_progress(source: str) -> Finding:
+    """Gemma4's argument parsers must stop when a bare value makes no progress
+    (`i == val_start`), or malformed arguments loop forever."""
+    return _in_both_parsers(
+        source,
+        lambda f: any(ast.unparse(n) == "i == val_start" for n in ast.walk(f) if isinstance(n, ast.Compare)),
+        "a stop when a bare value makes no progress",
+    )
+
+
+def gemma4_parser_trailing_dot(source: str) -> Finding:
+    """While streaming, Gemma4's argument parsers must withhold a bare value ending
+    in "." (float("108.") would be streamed as 108.0 before its digits)."""
+    return _in_both_parsers(
+        source,
+        lambda f: "endswith('.')" in ast.unparse(f),
+        "a partial bare value ending in '.' withheld",
+    )
+
+
+def _in_both_parsers(source: str, has_fix: Callable[[ast.FunctionDef], bool], fix: str) -> Finding:
+    tree = ast.parse(source)
+    funcs = {
+        f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name in GEMMA4_ARG_PARSERS
+    }
+    if set(funcs) != set(GEMMA4_ARG_PARSERS):
+        return Finding(UNKNOWN, f"not both of {', '.join(GEMMA4_ARG_PARSERS)}")
+    missing = [name for name, func in funcs.items() if not has_fix(func)]
+    if not missing:
+        return Finding(FIXED, f"{' and '.join(GEMMA4_ARG_PARSERS)} have {fix}")
+    return Finding(BUGGY, f"{' and '.join(missing)} lack {fix}")
+
+
 # Each detector belongs to one upstream fix, named by the pull request that a
 # patch's Origin field links; it reads the one file that fix changes.
 DETECTORS = {
@@ -95,6 +131,14 @@ DETECTORS = {
     "https://github.com/vllm-project/vllm/pull/41574": (
         "vllm/model_executor/models/gemma4.py",
         gemma4_moe_activation,
+    ),
+    "https://github.com/vllm-project/vllm/pull/41991": (
+        "vllm/tool_parsers/gemma4_tool_parser.py",
+        gemma4_parser_progress,
+    ),
+    "https://github.com/vllm-project/vllm/pull/42128": (
+        "vllm/tool_parsers/gemma4_tool_parser.py",
+        gemma4_parser_trailing_dot,
     ),
 }
 
