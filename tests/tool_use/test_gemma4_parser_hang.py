@@ -18,9 +18,9 @@ from tool_call_texts import MALFORMED
 
 pytest_plugins = ["parser_fixtures"]
 
-# The patched parser takes about a millisecond for these (TESTING.md); BOUND leaves
+# The patched parser takes milliseconds for these (TESTING.md); BOUND leaves
 # room for a loaded machine. A pristine loop spins until killed: HANG_WAIT is over
-# a thousand times the patched parser's time.
+# 400 times the slowest patched case.
 BOUND = 2.0
 HANG_WAIT = 5.0
 
