@@ -69,9 +69,9 @@ def test_hand_edited_patch_fails_both_guards(tmp_path):
 
 
 DETECTED = [
-    (patch, rel, detector)
+    (patch, paths[0], detector)  # the file the fix changes; later paths are where it moved
     for patch in PATCHES
-    for rel, detector in detect.for_origin(patching.origin(patch.read_text()))
+    for paths, detector in detect.for_origin(patching.origin(patch.read_text()))
 ]
 
 

@@ -167,8 +167,55 @@ def _ends_in_underscore_after_rstrip(string: ast.JoinedStr) -> bool:
     )
 
 
+GEMMA4_ARG_PARSERS = ("_parse_gemma4_args", "_parse_gemma4_array")
+
+
+def gemma4_parser_progress(source: str) -> Finding:
+    """Gemma4's argument parsers must stop when a bare value makes no progress
+    (`i == val_start`), or malformed arguments loop forever."""
+    return _in_both_parsers(
+        source,
+        lambda f: any(ast.unparse(n) == "i == val_start" for n in ast.walk(f) if isinstance(n, ast.Compare)),
+        "a stop when a bare value makes no progress",
+    )
+
+
+def gemma4_parser_trailing_dot(source: str) -> Finding:
+    """While streaming, Gemma4's argument parsers must withhold a bare value ending
+    in "." (float("108.") would be streamed as 108.0 before its digits)."""
+    return _in_both_parsers(
+        source,
+        lambda f: "endswith('.')" in ast.unparse(f),
+        "a partial bare value ending in '.' withheld",
+    )
+
+
+def _in_both_parsers(source: str, has_fix: Callable[[ast.FunctionDef], bool], fix: str) -> Finding:
+    tree = ast.parse(source)
+    defined = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    funcs = {name: _delegate(defined[name], defined) for name in GEMMA4_ARG_PARSERS if name in defined}
+    if set(funcs) != set(GEMMA4_ARG_PARSERS):
+        return Finding(UNKNOWN, f"not both of {', '.join(GEMMA4_ARG_PARSERS)}")
+    missing = [name for name, func in funcs.items() if not has_fix(func)]
+    if not missing:
+        return Finding(FIXED, f"{' and '.join(GEMMA4_ARG_PARSERS)} have {fix}")
+    return Finding(BUGGY, f"{' and '.join(missing)} lack {fix}")
+
+
+def _delegate(func: ast.FunctionDef, defined: dict[str, ast.FunctionDef]) -> ast.FunctionDef:
+    """The function that does the work: `func` itself, or the module function it only
+    returns a call of (0.24.0's _parse_gemma4_args returns _parse_gemma4_fields(...)[0])."""
+    body = [n for n in func.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
+        calls = [n for n in ast.walk(body[0].value) if isinstance(n, ast.Call)]
+        if len(calls) == 1 and isinstance(calls[0].func, ast.Name) and calls[0].func.id in defined:
+            return defined[calls[0].func.id]
+    return func
+
+
 # Each detector belongs to one upstream fix, named by the pull request that a
-# patch's Origin field links; it reads the one file that fix changes.
+# patch's Origin field links; it reads the one file that fix changes (or, given
+# several, the first a release has: where later releases moved that code).
 DETECTORS = {
     "https://github.com/vllm-project/vllm/pull/42250": (
         "vllm/model_executor/models/gemma4.py",
@@ -195,13 +242,27 @@ DETECTORS = {
         "vllm/model_executor/layers/quantization/moe_wna16.py",
         wna16_moe_activation,
     ),
+    # From 0.24.0 (the parser-engine rewrite) the argument parsers live in vllm/parser/.
+    "https://github.com/vllm-project/vllm/pull/41991": (
+        ("vllm/tool_parsers/gemma4_tool_parser.py", "vllm/parser/gemma4.py"),
+        gemma4_parser_progress,
+    ),
+    "https://github.com/vllm-project/vllm/pull/42128": (
+        ("vllm/tool_parsers/gemma4_tool_parser.py", "vllm/parser/gemma4.py"),
+        gemma4_parser_trailing_dot,
+    ),
 }
 
 
-def for_origin(origin: str | None) -> list[tuple[str, Callable[[str], Finding]]]:
-    """The (file, detector) pairs of the upstream fixes an Origin field links."""
+def for_origin(origin: str | None) -> list[tuple[tuple[str, ...], Callable[[str], Finding]]]:
+    """The (files, detector) pairs of the upstream fixes an Origin field links: the file
+    the fix changes, then where later releases moved that code (the first one found is read)."""
     links = set(re.findall(r"https?://\S+", origin or ""))
-    return [found for pr, found in DETECTORS.items() if pr in links]
+    return [
+        ((files,) if isinstance(files, str) else files, find)
+        for pr, (files, find) in DETECTORS.items()
+        if pr in links
+    ]
 
 
 def _gate_calls(forward: ast.FunctionDef) -> list[bool]:

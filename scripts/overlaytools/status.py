@@ -142,7 +142,8 @@ def _verdicts(patches: list[Path], source, filename: str) -> list[Verdict]:
     verdicts = []
     for patch in patches:
         touched, added = patching.touched_files([patch]), patching.added_files([patch])
-        wanted = [r for r in touched if r not in files]
+        detected = [r for paths, _ in detect.for_origin(patching.origin(patch.read_text())) for r in paths]
+        wanted = [r for r in dict.fromkeys([*touched, *detected]) if r not in files]
         try:
             files.update(sources.wheel_members(source, wanted, filename, added, missing_ok=True))
         except OverlayError as exc:
@@ -151,7 +152,9 @@ def _verdicts(patches: list[Path], source, filename: str) -> list[Verdict]:
         missing = [r for r in touched if r not in files and r not in added]
         mine = {rel: files[rel] for rel in touched if rel in files}
         if missing:
-            verdicts.append(_verdict_on_moved_code(patch, mine, f"{filename} has no {', '.join(missing)}"))
+            moved = {rel: files[rel] for rel in detected if rel in files}
+            gone = f"{filename} has no {', '.join(missing)}"
+            verdicts.append(_verdict_on_moved_code(patch, {**moved, **mine}, gone))
             continue
         verdicts.append(_verdict(patch, mine))
         if verdicts[-1].state == APPLIES:
@@ -161,7 +164,8 @@ def _verdicts(patches: list[Path], source, filename: str) -> list[Verdict]:
 
 def _findings(patch: Path, files: dict[str, bytes]) -> list[detect.Finding]:
     detectors = detect.for_origin(patching.origin(patch.read_text()))
-    return [find(files[rel].decode()) for rel, find in detectors if rel in files]
+    found = [(next((rel for rel in paths if rel in files), None), find) for paths, find in detectors]
+    return [find(files[rel].decode()) for rel, find in found if rel is not None]
 
 
 def _verdict_on_moved_code(patch: Path, files: dict[str, bytes], gone: str) -> Verdict:
