@@ -32,7 +32,7 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def metrics(scale: float) -> dict:
-    return {key: scale * (i + 1) for i, (key, _, _) in enumerate(BENCH.METRICS)} | {"duration": 9.0}
+    return {key: scale * (i + 1) for i, key in enumerate(BENCH.METRICS)} | {"duration": 9.0}
 
 
 def report(rounds: list[dict]) -> dict:
@@ -54,6 +54,7 @@ def report(rounds: list[dict]) -> dict:
         "variants": variants,
         "servers": servers,
         "gpu_memory": "120000 MiB, 143771 MiB",
+        "wall_seconds": 301.4,
         "rounds": rounds,
         "summary": BENCH.summarize(rounds, variants) if rounds else None,
     }
@@ -85,6 +86,7 @@ def test_table_of_a_recorded_run(tmp_path):
     assert "2 timed rounds (of 3) after one warm-up round per server" in lines[0]
     assert "torch.compile + CUDA graphs" in lines[0] and "side by side on one GPU" in lines[0]
     assert lines[1].startswith("Server starts: patched 151 s, pristine 150 s;")
+    assert lines[1].endswith("; wall time 301 s.")
     assert "| patched | pristine | patched/pristine (median of rounds) | min-max over rounds |" in lines[3]
     assert "| output throughput (tok/s) | 1.00 | 1.00 | 1.000 | 0.980-1.020 |" in lines
     assert len([line for line in lines if line.startswith("| ")]) == 1 + len(BENCH.METRICS)
