@@ -13,14 +13,13 @@ from pathlib import Path
 FILE = "serve-outputs.json"  # in each variant's out dir (gpu_env.OUT_ENV)
 MEASUREMENTS = "measurements.jsonl"  # gpu_env.record's, in the same dir
 # The same server setup must give the same greedy tokens in every variant: the fixes change
-# which code computes the router logits, not their values; but Gemma4's experts run the GELU
-# a setup records, and variants of different GELUs are compared only within each GELU's
-# group. Eager servers run the same
-# kernels, so their logprobs must be equal. Compiled ones (torch.compile + CUDA graphs) may
-# pick other GEMM kernels in each process: their logprobs may differ by the rounding of what
-# the GEMMs compute with, bounded as in cuda_layers.tolerance: 8u, u = 2^-10 for float32
-# (TF32 on Hopper), 2^-9 for bfloat16 (measured on an H100: up to 8.4e-4 in float32, 0 in
-# bfloat16).
+# which code computes the router logits, not their values. (Gemma4's experts run the GELU a
+# setup records; variants of other GELUs are compared only within each GELU's group.) Eager
+# servers run the same kernels, so their logprobs must be equal. Compiled ones (torch.compile
+# + CUDA graphs) may pick other GEMM kernels in each process: their logprobs may differ by the
+# rounding of what the GEMMs compute with, bounded as in cuda_layers.tolerance: 8u, u = 2^-10
+# for float32 (TF32 on Hopper), 2^-9 for bfloat16 (measured on an H100: up to 8.4e-4 in
+# float32, 0 in bfloat16).
 COMPILED_LOGPROB_ATOL = {"fp32": 8 * 2.0**-10, "bf16": 8 * 2.0**-9}
 
 
@@ -99,11 +98,11 @@ def transformers_rows(variant_dirs: dict[str, Path]) -> list[dict]:
 
 def transformers_table(rows: list[dict]) -> list[str]:
     """A Markdown table of the variants' and setups' deviations from transformers on the
-    GPU (transformers_rows): max and mean |delta logprob|
-    from the float32 references with tanh-GELU and with exact-GELU experts; beside them the
-    same references' difference (the GELU signal at model level) and transformers' own
-    deviation at the server's precision (TF32 GEMMs or bfloat16) from its float32, the
-    rounding the tolerance is made of. [] if none was recorded."""
+    GPU (transformers_rows): max and mean |delta logprob| from the float32 references with
+    tanh-GELU and with exact-GELU experts; beside them the same references' difference (the
+    GELU signal at model level) and transformers' own deviation at the server's precision
+    (TF32 GEMMs or bfloat16) from its float32, the rounding the tolerance is made of. []
+    if none was recorded."""
     if not rows:
         return []
 
