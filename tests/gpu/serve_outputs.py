@@ -111,15 +111,15 @@ def transformers_table(rows: list[dict]) -> list[str]:
 
     lines = [
         "| variant | setup | experts' GELU | vs tanh GELU (max / mean) | vs exact GELU (max / mean) "
-        "| tolerance | greedy tokens | transformers tanh vs exact | transformers' own rounding "
+        "| tolerance (max / mean) | greedy tokens | transformers tanh vs exact | transformers' own rounding "
         "| GELU verdict |",
-        "|---|---|---|---|---|---:|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         greedy = "equal" if row["greedy_equal"] else "near-tie flips: " + json.dumps(row["greedy_gaps"])
         lines.append(
             f"| {row['variant']} | {row['setup']} | {row['gelu']} | {spread(row['to_tanh'])} "
-            f"| {spread(row['to_exact'])} | {row['atol']:.2g} | {greedy} "
+            f"| {spread(row['to_exact'])} | {spread(row['atol'])} | {greedy} "
             f"| {spread(row['transformers_tanh_to_exact'])} "
             f"| {row['transformers_rounding']['as']} {spread(row['transformers_rounding'])} "
             f"| {row['verdict'] or 'none (hidden by rounding)'} |"

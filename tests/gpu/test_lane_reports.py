@@ -58,7 +58,7 @@ def test_transformers_table(tmp_path):
         "to_exact": {"max": 0.68, "mean": 0.037},
         "transformers_tanh_to_exact": {"max": 0.68, "mean": 0.037},
         "transformers_rounding": {"as": "tf32", "max": 0.004, "mean": 0.0005},
-        "atol": 0.05,
+        "atol": {"max": 0.05, "mean": 0.005},
         "greedy_equal": True,
         "greedy_gaps": {},
         "verdict": "tanh",
@@ -80,7 +80,7 @@ def test_transformers_table(tmp_path):
     header, rule, first, second = serve_outputs.transformers_table(rows)
     assert header.count("|") == rule.count("|") == first.count("|") == 11
     assert first == (
-        "| patched | gemma-fp32-eager | tanh | 0.0021 / 0.00031 | 0.68 / 0.037 | 0.05 | equal "
+        "| patched | gemma-fp32-eager | tanh | 0.0021 / 0.00031 | 0.68 / 0.037 | 0.05 / 0.005 | equal "
         "| 0.68 / 0.037 | tf32 0.004 / 0.0005 | tanh |"
     )
     assert '| near-tie flips: {"Hello, world!": [[3, 0.02]]} |' in second

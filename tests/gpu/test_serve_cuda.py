@@ -71,11 +71,11 @@ GPU_FLAGS = [
 # float32 in vLLM's Triton kernels runs TF32 on Hopper: logprobs against transformers'
 # float32 agree to about 1e-2, not to the 1e-3 of the CPU tests.
 TRANSFORMERS_LOGPROB_ATOL = 5e-2
-# Gemma4 servers against transformers' float32: within this many times the largest
-# deviation of transformers' own run of the checkpoint at the server's precision (TF32
-# GEMMs for float32, bfloat16) from its float32 one, and at least within
-# TRANSFORMERS_LOGPROB_ATOL. The Gemma4 checkpoint's weights are large, so that the two
-# GELUs give different logits: the rounding grows through its layers too.
+# Gemma4 servers against transformers' float32: the largest and the mean deviation within
+# this many times those of transformers' own run of the checkpoint at the server's precision
+# (TF32 GEMMs for float32, bfloat16) from its float32 one, and at least within
+# TRANSFORMERS_LOGPROB_ATOL (mean: a tenth of it). The Gemma4 checkpoint's weights are large,
+# so that the two GELUs give different logits: the rounding grows through its layers too.
 ROUNDING_FACTOR = 4.0
 # A model-level GELU verdict only where transformers' two GELU references differ by at
 # least this many times the served model's mean deviation from the nearer one.
@@ -305,7 +305,8 @@ def gemma4_references(checkpoints) -> dict[str, against.Reference]:
 @pytest.mark.parametrize("name", ECHOED)
 def test_gemma4_matches_transformers_on_the_gpu(fleet, gemma4_references, name):
     """Prompt and greedy logprobs against transformers' float32 with this variant's expert
-    GELU, within the precision transformers itself shows at the server's (ROUNDING_FACTOR);
+    GELU, max and mean within the precision transformers itself shows at the server's
+    (ROUNDING_FACTOR);
     the greedy tokens are transformers' but where transformers' own top two lie within that
     tolerance. Deviations from both GELUs' references are recorded, with a model-level GELU
     verdict only where they show one."""
@@ -326,7 +327,10 @@ def test_gemma4_matches_transformers_on_the_gpu(fleet, gemma4_references, name):
     rounding = against.Spread.of(
         [d for i, e in echoed for d in against.between(e, rows["tanh"][i], rows[rounding_ref][i])]
     )
-    atol = max(TRANSFORMERS_LOGPROB_ATOL, ROUNDING_FACTOR * rounding.max)
+    atol = against.Spread(
+        max(TRANSFORMERS_LOGPROB_ATOL, ROUNDING_FACTOR * rounding.max),
+        max(TRANSFORMERS_LOGPROB_ATOL / 10, ROUNDING_FACTOR * rounding.mean),
+    )
     gaps = {i: against.greedy_gaps(e, rows[GEMMA4_GELU][i]) for i, e in echoed}
     gelu_verdict = against.verdict(to, signal, GELU_VERDICT_FACTOR)
     gpu_env.record(
@@ -337,14 +341,15 @@ def test_gemma4_matches_transformers_on_the_gpu(fleet, gemma4_references, name):
         **{f"to_{gelu}": spread.as_dict() for gelu, spread in to.items()},
         transformers_tanh_to_exact=signal.as_dict(),
         transformers_rounding={"as": "tf32" if rounding_ref == "fp32" else "bf16", **rounding.as_dict()},
-        atol=float(f"{atol:.3g}"),
+        atol=atol.as_dict(),
         greedy_equal=not any(gaps.values()),
         greedy_gaps={PROMPTS[i]: g for i, g in gaps.items() if g},
         verdict=gelu_verdict,
     )
-    assert to[GEMMA4_GELU].max <= atol, f"{name}: {to[GEMMA4_GELU]} from transformers ({GEMMA4_GELU} GELU)"
+    own = to[GEMMA4_GELU]
+    assert own.max <= atol.max and own.mean <= atol.mean, f"{name}: {own} from transformers, tolerance {atol}"
     for i, prompt_gaps in gaps.items():
-        assert all(gap <= atol for _, gap in prompt_gaps), (PROMPTS[i], prompt_gaps, atol)
+        assert all(gap <= atol.max for _, gap in prompt_gaps), (PROMPTS[i], prompt_gaps, atol)
     assert gelu_verdict in (None, GEMMA4_GELU), f"{name} runs {gelu_verdict} GELU at model level"
 
 
