@@ -76,6 +76,22 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def git(cwd: Path, *args: str) -> str:
+    """git in `cwd` with GIT_ENV; its output."""
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The checkout's files as they are now (tracked, and untracked but not ignored)."""
+    for rel in git(REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0"):
+        if rel and (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    return dest
+
+
 def raw_member(path: Path, info: zipfile.ZipInfo) -> bytes:
     """A member's local header fields after the signature, name, extra and compressed data."""
     with open(path, "rb") as fh:

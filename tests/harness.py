@@ -37,6 +37,9 @@ from wheel_requires import runtime_requirements  # noqa: E402
 
 CONSTRAINTS = TESTS / "constraints.txt"
 TOOLS_REQUIREMENTS = TESTS / "tools-requirements.txt"
+# The test environments this process uses, each under a shared lock for as long as it runs:
+# another checkout's run installs its own patched wheels only once they are released.
+IN_USE: list = []
 EXIT_NO_TESTS = 5  # pytest's status when it collected nothing
 STDERR = 2  # progress goes to the file descriptor, which pytest's capture also redirects
 
@@ -184,17 +187,24 @@ def prepare_env(cuda: bool = False, prog: str = "tests/test-env") -> Path:
                 sha256_file(listing),
                 lambda: _run([*constrained, "-r", str(listing)]),
             )
-        # The patched wheels themselves: installed again only when they changed.
+        # The patched wheels themselves: installed again only when they changed, and then
+        # only once no run of other checkouts' wheels is using the environment.
         say(prog, "the patched wheels")
+        in_use = open(venv / ".in-use", "w")  # noqa: SIM115 (held until this process ends)
+        digests = {flavour: sha256_file(wheel) for flavour, wheel in wheels.items()}
+        stamps = {"cpu": venv / ".cpu-wheel", "cuda": venv / "cuda-flavour" / ".sha256"}
+        if any(not stamps[f].is_file() or stamps[f].read_text().strip() != digests[f] for f in stamps):
+            say(prog, "waiting for runs of other wheels in this environment to end")
+            fcntl.flock(in_use, fcntl.LOCK_EX)
         once(
-            venv / ".cpu-wheel",
-            sha256_file(wheels["cpu"]),
+            stamps["cpu"],
+            digests["cpu"],
             lambda: _run([*pip, "install", "-q", "--no-deps", "--force-reinstall", str(wheels["cpu"])]),
         )
         # The CUDA-flavour wheel goes beside the environment: tests put it first on PYTHONPATH.
-        pip_install_target(
-            str(venv / "bin/python"), wheels["cuda"], venv / "cuda-flavour", sha256_file(wheels["cuda"])
-        )
+        pip_install_target(str(venv / "bin/python"), wheels["cuda"], venv / "cuda-flavour", digests["cuda"])
+        fcntl.flock(in_use, fcntl.LOCK_SH)  # released when this process (the test run) ends
+        IN_USE.append(in_use)
     return venv
 
 

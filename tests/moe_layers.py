@@ -93,6 +93,10 @@ KERNEL_CASES = {
     "torch-bf16": KernelCase("torch", torch.bfloat16, 40),
 }
 
+# The activations 0.19.1's compiled CPU MoE kernels (grouped GEMM, SGL) compute; with the
+# backport of vllm#42027 the others run on the torch path.
+COMPILED_KERNEL_ACTIVATIONS = ("silu", "swigluoai")
+
 # The GEMM op that runs the routed experts on each path.
 PATH_OPS = {
     "grouped": "_C::cpu_fused_moe",
@@ -323,18 +327,34 @@ def _prefix() -> str:
     return f"model.layers.{next(_layer_ids)}.mlp"
 
 
-def build_gemma4_moe(module: ModuleType, config: VllmConfig, hf_config, seed: int = 0) -> torch.nn.Module:
+def build_gemma4_moe(
+    module: ModuleType, config: VllmConfig, hf_config, seed: int = 0
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """module.Gemma4MoE on the real FusedMoE, with seeded weights processed as the
-    engine does (which picks the CPU kernel path), in the config's dtype."""
+    engine does (which picks the CPU kernel path), in the config's dtype; and float64
+    copies of the weights as loaded."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype):
         moe = module.Gemma4MoE(hf_config, prefix=_prefix())
-    load_random_weights(moe, seed)
+    weights = load_random_weights(moe, seed)
     process_weights_after_loading(moe, config.model_config, torch.device("cpu"))
-    return moe
+    return moe, weights
+
+
+def gemma4_inputs(
+    tokens: int, seed: int, dtype: torch.dtype, hidden_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (standard normal times hidden_scale) and router logits. Each
+    token's logits are the levels -2, -1.5, ..., 1.5 in random order: exact in every
+    dtype and never tied, so top-k cannot choose differently from the float64 reference."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = hidden_scale * torch.randn(tokens, HIDDEN, generator=generator)
+    order = torch.rand(tokens, NUM_EXPERTS, generator=generator).argsort(dim=-1)
+    logits = (order - NUM_EXPERTS / 2) * 0.5
+    return hidden.to(dtype), logits.to(dtype)
 
 
 def build_qwen3_block(

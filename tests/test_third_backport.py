@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from build_helpers import GIT_ENV, LOCK, REPO, run_build, run_script
+from build_helpers import LOCK, copy_checkout, git, run_build, run_script
 from overlaytools import patching
 from series_helpers import PATCHES, TEST_PROVENANCE
 
@@ -26,21 +25,6 @@ PATCH_LEVEL = [
     "tests/test_build_wheels.py",
     "tests/test_plugin.py",
 ]
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True, text=True
-    ).stdout
-
-
-def copy_checkout(dest: Path) -> Path:
-    """The checkout's files as they are now (tracked, and untracked but not ignored)."""
-    for rel in git(REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0"):
-        if rel and (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    return dest
 
 
 def add_backport(repo: Path) -> None:
