@@ -206,6 +206,45 @@ def greedy_completion(server: Server, model: str, prompt, max_tokens: int, top_k
     return parse_logprobs(response.json()["choices"][0]["logprobs"])
 
 
+@dataclass(frozen=True)
+class Echoed:
+    """A greedy completion echoed after its prompt: every token, and at each position but
+    the first the logprobs the server gave there (its top k and the token itself)."""
+
+    tokens: list[int]
+    prompt_len: int
+    top: list[dict[int, float]]  # top[j - 1]: the logprobs of position j
+
+    def generated(self) -> Completion:
+        tokens = self.tokens[self.prompt_len :]
+        top = self.top[self.prompt_len - 1 :]
+        return Completion(tokens, [step[t] for t, step in zip(tokens, top)], top)
+
+
+def echoed_completion(server: Server, model: str, prompt: list[int], max_tokens: int, top_k: int) -> Echoed:
+    """Greedy tokens of /v1/completions with the prompt echoed: the top_k logprobs at
+    every prompt and generated position but the first."""
+    response = server.post(
+        "/v1/completions",
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "logprobs": top_k,
+            "echo": True,
+            "return_tokens_as_token_ids": True,
+        },
+    )
+    response.raise_for_status()
+    logprobs = response.json()["choices"][0]["logprobs"]
+    tokens = [token_id(t) for t in logprobs["tokens"]]
+    assert tokens[: len(prompt)] == prompt and logprobs["top_logprobs"][0] is None, logprobs
+    top = [{token_id(t): lp for t, lp in step.items()} for step in logprobs["top_logprobs"][1:]]
+    return Echoed(tokens, len(prompt), top)
+
+
 def parse_logprobs(logprobs: dict) -> Completion:
     """The completions API's logprobs, with "token_id:N" strings turned into ids."""
     return Completion(

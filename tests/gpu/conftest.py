@@ -1,6 +1,7 @@
 """The GPU lane: one variant per process (gpu_env.VARIANT_ENV), checked to be what it
 claims before any test runs. Every module here skips itself, with the reason, where
-no CUDA device or no vLLM CUDA platform is present (gpu_env.unavailable)."""
+no CUDA device or no vLLM CUDA platform is present (gpu_env.unavailable), but
+test_lane_reports.py, which checks the lane's reports from recorded outputs anywhere."""
 
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """`vllm serve` on the GPU, in this process's variant, of the tiny checkpoints of
-tests/make-tiny-checkpoints: eager and with torch.compile + CUDA graphs, float32 and
-bfloat16 (FlashAttention on Hopper). All servers of a process start at once, each with
-a small share of the GPU.
+tests/make-tiny-checkpoints (Qwen3-MoE and Gemma4): eager and with torch.compile + CUDA
+graphs, float32 and bfloat16. All servers of a process start at once, each with a small
+share of the GPU.
 
 Checked here: every server comes up and answers /version with the variant's version;
-the routed checkpoint's greedy text equals transformers' on the GPU; with the plugin,
-the API server and the engine core log its INFO line. Each variant writes its greedy
-outputs (serve_outputs.FILE); tests/run-gpu-tests then checks that the variants agree.
+the routed Qwen3 checkpoint's greedy text equals transformers' on the GPU; Gemma4's
+prompt and greedy logprobs agree with transformers' on the GPU with the experts' GELU
+this variant should run, within the kernels' precision (the deviations from both GELUs'
+references are recorded for tests/run-gpu-tests' table); with the plugin, the API
+server and the engine core log its INFO line. Each variant writes its greedy outputs
+(serve_outputs.FILE); tests/run-gpu-tests then checks that the variants agree.
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import against_transformers as against  # noqa: E402
 import plugin_helpers  # noqa: E402
 import serve_outputs  # noqa: E402
 import torch  # noqa: E402
 from build_helpers import PINS, REPO  # noqa: E402
+from series_helpers import GELU_FIX, SERVED_MODULES  # noqa: E402
 from serve_helpers import (  # noqa: E402
     Completion,
+    Echoed,
     Server,
     assert_logprobs_close,
+    echoed_completion,
     greedy_completion,
     server_env,
     start_server,
@@ -41,12 +48,13 @@ from serve_helpers import (  # noqa: E402
     transformers_greedy,
     wait_until_healthy,
 )
-from transformers import AutoTokenizer, Qwen3MoeForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM  # noqa: E402
 
-PLAIN, SHARED = "qwen3-moe-tiny", "qwen3-moe-tiny-shared"
+PLAIN, SHARED, GEMMA = "qwen3-moe-tiny", "qwen3-moe-tiny-shared", "gemma4-moe-tiny"
+MODEL_MODULES = {PLAIN: "qwen3_moe", SHARED: "qwen3_moe", GEMMA: "gemma4"}  # in vllm.model_executor.models
 PROMPTS = ["The quick brown fox", "Hello, world!", "Mixture of experts: ", "Grüße ✓"]
 MAX_TOKENS, TOP_K = 16, 5
-STARTUP_TIMEOUT = 330.0  # twelve servers may start at once (four per variant)
+STARTUP_TIMEOUT = 420.0  # 24 servers may start at once (eight per variant)
 # Each server's share of the GPU: several servers per process, three processes at once.
 # A fixed KV cache skips vLLM's memory profiling, whose free-memory check assumes no
 # other process on the GPU changes its usage meanwhile.
@@ -63,6 +71,18 @@ GPU_FLAGS = [
 # float32 in vLLM's Triton kernels runs TF32 on Hopper: logprobs against transformers'
 # float32 agree to about 1e-2, not to the 1e-3 of the CPU tests.
 TRANSFORMERS_LOGPROB_ATOL = 5e-2
+# Gemma4 servers against transformers' float32: the largest and the mean deviation within
+# this many times those of transformers' own run of the checkpoint at the server's precision
+# (TF32 GEMMs for float32, bfloat16) from its float32 one, and at least within
+# TRANSFORMERS_LOGPROB_ATOL (mean: a tenth of it). The Gemma4 checkpoint's weights are large,
+# so that the two GELUs give different logits: the rounding grows through its layers too.
+ROUNDING_FACTOR = 4.0
+# A model-level GELU verdict only where transformers' two GELU references differ by at
+# least this many times the served model's mean deviation from the nearer one.
+GELU_VERDICT_FACTOR = 10.0
+# Gemma4's experts should run tanh GELU (its hidden_activation); pristine 0.19.1 and the
+# plugin (which does not carry that patch) run exact GELU.
+GEMMA4_GELU = "tanh" if gpu_env.has_fix(GELU_FIX) else "exact"
 
 
 @dataclass(frozen=True)
@@ -76,13 +96,19 @@ class Setup:
         return ["--dtype", self.dtype, *GPU_FLAGS, *(["--enforce-eager"] if self.eager else [])]
 
 
-# Eager and compiled with CUDA graphs, float32 and bfloat16, four servers per variant.
+# Eager and compiled with CUDA graphs, float32 and bfloat16: eight servers per variant.
 SETUPS = {
     "routed-fp32-eager": Setup(PLAIN, "float32", eager=True),
     "shared-fp32-graphs": Setup(SHARED, "float32", eager=False),
     "shared-bf16-eager": Setup(SHARED, "bfloat16", eager=True),
     "shared-bf16-graphs": Setup(SHARED, "bfloat16", eager=False),
+    "gemma-fp32-eager": Setup(GEMMA, "float32", eager=True),
+    "gemma-fp32-graphs": Setup(GEMMA, "float32", eager=False),
+    "gemma-bf16-eager": Setup(GEMMA, "bfloat16", eager=True),
+    "gemma-bf16-graphs": Setup(GEMMA, "bfloat16", eager=False),
 }
+# Served with the prompt echoed (prompt and greedy logprobs), for transformers' comparison.
+ECHOED = [name for name, setup in SETUPS.items() if setup.checkpoint == GEMMA]
 
 
 @dataclass
@@ -93,6 +119,7 @@ class Served:
     error: str = ""
     version: str = ""
     completions: list[Completion] = field(default_factory=list)
+    echoed: list[Echoed] = field(default_factory=list)  # the setups in ECHOED
     startup_seconds: float = 0.0
     exit_code: int | None = None
 
@@ -152,7 +179,11 @@ def finish(name: str, server: Server, served: Served, prompts: list[list[int]]) 
         served.startup_seconds = server.startup_seconds
         served.version = server.get("/version").json()["version"]
         model = SETUPS[name].checkpoint
-        served.completions = [greedy_completion(server, model, p, MAX_TOKENS, TOP_K) for p in prompts]
+        if name in ECHOED:
+            served.echoed = [echoed_completion(server, model, p, MAX_TOKENS, TOP_K) for p in prompts]
+            served.completions = [e.generated() for e in served.echoed]
+        else:
+            served.completions = [greedy_completion(server, model, p, MAX_TOKENS, TOP_K) for p in prompts]
     except Exception as error:  # noqa: BLE001 - reported by the tests of this server
         served.error = f"{name}: {type(error).__name__}: {error}"
     finally:
@@ -175,10 +206,11 @@ def fleet(checkpoints, tmp_path_factory) -> dict[str, Served]:
             serve_command(checkpoints / setup.checkpoint, setup), fleet[name].log, own_env
         )
         time.sleep(2)  # staggered: the processes do not all import at the same instant
-    prompts = prompt_ids(checkpoints)
+    prompts = {name: prompt_ids(checkpoints, setup.checkpoint) for name, setup in SETUPS.items()}
     with ThreadPoolExecutor(len(servers)) as pool:
         done = {
-            name: pool.submit(finish, name, server, fleet[name], prompts) for name, server in servers.items()
+            name: pool.submit(finish, name, server, fleet[name], prompts[name])
+            for name, server in servers.items()
         }
     for name, future in done.items():
         if future.exception() and not fleet[name].error:
@@ -189,6 +221,8 @@ def fleet(checkpoints, tmp_path_factory) -> dict[str, Served]:
             "logprobs": [c.logprobs for c in run.completions],
             "attention": attention_backend(run),
             "startup_seconds": run.startup_seconds,
+            # Variants of other expert GELUs are not compared with each other.
+            **({"gelu": GEMMA4_GELU} if SETUPS[name].checkpoint == GEMMA else {}),
         }
         for name, run in fleet.items()
         if not run.error
@@ -206,10 +240,9 @@ def fleet(checkpoints, tmp_path_factory) -> dict[str, Served]:
     return fleet
 
 
-def prompt_ids(checkpoints: Path) -> list[list[int]]:
-    """PROMPTS as token ids (both checkpoints share one tokenizer): the servers and
-    transformers get the same ids."""
-    tokenizer = AutoTokenizer.from_pretrained(checkpoints / PLAIN)
+def prompt_ids(checkpoints: Path, checkpoint: str) -> list[list[int]]:
+    """PROMPTS as the checkpoint's token ids: the servers and transformers get the same ids."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints / checkpoint)
     return [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
 
 
@@ -231,7 +264,9 @@ def test_server_answers_and_shuts_down(fleet, name):
     assert run.exit_code == 0, f"{name} exited with {run.exit_code}"
 
 
-@pytest.mark.parametrize("name", [n for n, s in SETUPS.items() if s.dtype == "bfloat16"])
+@pytest.mark.parametrize(
+    "name", [n for n, s in SETUPS.items() if s.dtype == "bfloat16" and s.checkpoint != GEMMA]
+)
 def test_bfloat16_takes_flash_attention(fleet, name):
     assert attention_backend(fleet[name].require()) == "FLASH_ATTN"
 
@@ -240,9 +275,82 @@ def test_routed_checkpoint_matches_transformers_on_the_gpu(fleet, checkpoints):
     run = fleet["routed-fp32-eager"].require()
     model = Qwen3MoeForCausalLM.from_pretrained(checkpoints / PLAIN, dtype=torch.float32)
     model = model.to("cuda").eval()
-    for ids, served in zip(prompt_ids(checkpoints), run.completions, strict=True):
+    for ids, served in zip(prompt_ids(checkpoints, PLAIN), run.completions, strict=True):
         reference = transformers_greedy(model, ids, MAX_TOKENS, TOP_K)
         assert_logprobs_close(reference, served, atol=TRANSFORMERS_LOGPROB_ATOL)
+
+
+@pytest.fixture(scope="module")
+def gemma4_references(checkpoints) -> dict[str, against.Reference]:
+    """transformers' Gemma4 of the checkpoint on the GPU, plain eager code: float32 with
+    tanh-GELU experts (the checkpoint's) and with exact-GELU experts; and the rounding an
+    implementation meets, with tanh GELU: float32 with TF32 GEMMs, and bfloat16."""
+
+    def load(dtype: torch.dtype) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoints / GEMMA, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+        )
+        return model.to("cuda").eval()
+
+    fp32, bf16 = load(torch.float32), load(torch.bfloat16)
+    tanh = against.with_expert_gelu(fp32, "tanh")
+    return {
+        "tanh": against.Reference(tanh),
+        "exact": against.Reference(against.with_expert_gelu(fp32, "exact")),
+        "fp32": against.Reference(tanh, tf32=True),
+        "bf16": against.Reference(against.with_expert_gelu(bf16, "tanh")),
+    }
+
+
+@pytest.mark.parametrize("name", ECHOED)
+def test_gemma4_matches_transformers_on_the_gpu(fleet, gemma4_references, name):
+    """Prompt and greedy logprobs against transformers' float32 with this variant's expert
+    GELU, max and mean within the precision transformers itself shows at the server's
+    (ROUNDING_FACTOR);
+    the greedy tokens are transformers' but where transformers' own top two lie within that
+    tolerance. Deviations from both GELUs' references are recorded, with a model-level GELU
+    verdict only where they show one."""
+    run, setup = fleet[name].require(), SETUPS[name]
+    rows = {
+        ref: [reference.logprobs(e.tokens) for e in run.echoed]
+        for ref, reference in gemma4_references.items()
+    }
+    echoed = list(enumerate(run.echoed))
+    to = {
+        gelu: against.Spread.of([d for i, e in echoed for d in against.deviations(e, rows[gelu][i])])
+        for gelu in against.GELUS
+    }
+    signal = against.Spread.of(
+        [d for i, e in echoed for d in against.between(e, rows["tanh"][i], rows["exact"][i])]
+    )
+    rounding_ref = "fp32" if setup.dtype == "float32" else "bf16"
+    rounding = against.Spread.of(
+        [d for i, e in echoed for d in against.between(e, rows["tanh"][i], rows[rounding_ref][i])]
+    )
+    atol = against.Spread(
+        max(TRANSFORMERS_LOGPROB_ATOL, ROUNDING_FACTOR * rounding.max),
+        max(TRANSFORMERS_LOGPROB_ATOL / 10, ROUNDING_FACTOR * rounding.mean),
+    )
+    gaps = {i: against.greedy_gaps(e, rows[GEMMA4_GELU][i]) for i, e in echoed}
+    gelu_verdict = against.verdict(to, signal, GELU_VERDICT_FACTOR)
+    gpu_env.record(
+        "vs-transformers",
+        setup=name,
+        gelu=GEMMA4_GELU,
+        values=sum(len(step) for e in run.echoed for step in e.top),
+        **{f"to_{gelu}": spread.as_dict() for gelu, spread in to.items()},
+        transformers_tanh_to_exact=signal.as_dict(),
+        transformers_rounding={"as": "tf32" if rounding_ref == "fp32" else "bf16", **rounding.as_dict()},
+        atol=atol.as_dict(),
+        greedy_equal=not any(gaps.values()),
+        greedy_gaps={PROMPTS[i]: g for i, g in gaps.items() if g},
+        verdict=gelu_verdict,
+    )
+    own = to[GEMMA4_GELU]
+    assert own.max <= atol.max and own.mean <= atol.mean, f"{name}: {own} from transformers, tolerance {atol}"
+    for i, prompt_gaps in gaps.items():
+        assert all(gap <= atol.max for _, gap in prompt_gaps), (PROMPTS[i], prompt_gaps, atol)
+    assert gelu_verdict in (None, GEMMA4_GELU), f"{name} runs {gelu_verdict} GELU at model level"
 
 
 @pytest.mark.skipif(gpu_env.variant() != "plugin", reason="the plugin variant only")
@@ -251,5 +359,7 @@ def test_plugin_applied_in_api_server_and_engine_core(fleet, name):
     names, applied, served = plugin_helpers.plugin_log(fleet[name].require().log)
     for process in ("APIServer", "EngineCore"):
         assert process in names and names[process] in applied, (process, names, applied)
-    # The engine core loads the model: it imported qwen3_moe from the plugin.
-    assert "vllm.model_executor.models.qwen3_moe" in served.get(names["EngineCore"], set())
+    # The engine core loads the model: it imported the model's module from the plugin.
+    module = f"vllm.model_executor.models.{MODEL_MODULES[SETUPS[name].checkpoint]}"
+    assert module in SERVED_MODULES, f"the plugin does not serve {module}"
+    assert module in served.get(names["EngineCore"], set())
