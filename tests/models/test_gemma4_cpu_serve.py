@@ -20,6 +20,7 @@ from pathlib import Path
 import plugin_helpers
 import pytest
 import tiny_gemma4
+from build_helpers import LOCK
 from gemma4_scores import (
     ATOL,
     EXACT,
@@ -45,13 +46,14 @@ from serve_helpers import (
     upstream_api_server,
     vllm_serve,
 )
-from without_gelu_fix import build
+from without_gelu_fix import LABEL, build
 
 
 @dataclass(frozen=True)
 class Measured:
     """One server's answers, scored against transformers with each expert GELU."""
 
+    version: str  # the server's /version
     answers: list[Scored]
     to_tanh: list[float]
     to_exact: list[float]
@@ -65,6 +67,7 @@ def logs(tmp_path_factory) -> Path:
 
 def measure(command: list[str], log: Path, env: dict[str, str], reference) -> Measured:
     with running_server(command, log, env) as server:
+        version = server.get("/version").json()["version"]
         answers = [served(server, tiny_gemma4.NAME, list(p.encode()), MAX_TOKENS, TOP_K) for p in PROMPTS]
     to_tanh, to_exact, tanh_vs_exact = [], [], []
     for answer in answers:
@@ -73,7 +76,7 @@ def measure(command: list[str], log: Path, env: dict[str, str], reference) -> Me
         to_tanh += distances(answer, tanh)
         to_exact += distances(answer, exact)
         tanh_vs_exact += apart(answer, tanh, exact)
-    return Measured(answers, to_tanh, to_exact, tanh_vs_exact)
+    return Measured(version, answers, to_tanh, to_exact, tanh_vs_exact)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +109,7 @@ def test_greedy_text_equals_transformers_generate(patched, reference, checkpoint
 
 
 def test_logprobs_match_transformers(patched):
+    assert patched.version == LOCK.patched_version(LOCK.pin, "cpu")
     print(f"patched vs transformers (tanh GELU experts): {summary(patched.to_tanh)}")
     assert max(patched.to_tanh) <= ATOL, summary(patched.to_tanh)
 
@@ -120,6 +124,7 @@ def test_experts_gelu_moves_the_logprobs_beyond_the_noise(patched):
 
 
 def test_without_the_fix_the_model_runs_exact_gelu(without_fix, patched):
+    assert without_fix.version == f"{LOCK.pin}+cpu.{LABEL}"  # the scratch build's wheel
     print(f"without the fix vs transformers, tanh GELU experts: {summary(without_fix.to_tanh)}")
     print(f"without the fix vs transformers, exact GELU experts: {summary(without_fix.to_exact)}")
     mean_to_tanh = sum(without_fix.to_tanh) / len(without_fix.to_tanh)
