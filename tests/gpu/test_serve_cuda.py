@@ -34,7 +34,7 @@ import plugin_helpers  # noqa: E402
 import serve_outputs  # noqa: E402
 import torch  # noqa: E402
 from build_helpers import PINS, REPO  # noqa: E402
-from series_helpers import GELU_FIX, SERVED_MODULES  # noqa: E402
+from series_helpers import GELU_FIX, MODULES  # noqa: E402
 from serve_helpers import (  # noqa: E402
     Completion,
     Echoed,
@@ -361,5 +361,5 @@ def test_plugin_applied_in_api_server_and_engine_core(fleet, name):
         assert process in names and names[process] in applied, (process, names, applied)
     # The engine core loads the model: it imported the model's module from the plugin.
     module = f"vllm.model_executor.models.{MODEL_MODULES[SETUPS[name].checkpoint]}"
-    assert module in SERVED_MODULES, f"the plugin does not serve {module}"
+    assert module in MODULES, f"the plugin does not serve {module}"
     assert module in served.get(names["EngineCore"], set())
