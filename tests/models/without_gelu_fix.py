@@ -2,7 +2,7 @@
 found in the series by its Origin) taken back, built in a scratch copy of the checkout
 through the patch queue, as a maintainer would.
 
-Only the fix's model files go back to their state before it: the patch also adds
+Only the fix's hunks in the model files are taken back: the patch also adds
 MoEActivation.GELU_TANH, which the later CPU backport (vllm#42027) names, so the series
 without the whole patch does not import. What is left is the series with Gemma4MoE
 building its experts with activation="gelu", pristine 0.19.1's exact GELU, which the
@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import platform
 import re
+import subprocess
 from pathlib import Path
 
-from build_helpers import LOCK, copy_checkout, git, run_build, run_script
+from build_helpers import GIT_ENV, LOCK, copy_checkout, git, run_build, run_script
 from overlaytools import lock, rewheel
 from series_helpers import PATCHES, TEST_PROVENANCE, files_of, provenance
 
@@ -34,9 +35,12 @@ def build(scratch: Path) -> Path:
     queue = repo / ".patch-queue"
     origin = provenance(TANH_GELU_FIX)["Origin"]
     (fix,) = git(queue, "log", "--format=%H", "--fixed-strings", f"--grep=Origin: {origin}").split()
-    for rel in MODEL_FILES:
-        assert not git(queue, "log", "--format=%H", f"{fix}..HEAD", "--", rel), f"a later patch changes {rel}"
-        git(queue, "checkout", f"{fix}^", "--", rel)
+    # The fix's own hunks of the model files, reversed on top of the whole series (later
+    # patches may change other lines of the same files).
+    reverse = git(queue, "diff", f"{fix}^", fix, "--", *MODEL_FILES)
+    subprocess.run(
+        ["git", "apply", "-R", "--index"], input=reverse, cwd=queue, env=GIT_ENV, check=True, text=True
+    )
     message = f"[Test] Gemma4 MoE: exact GELU again\n\nTakes back the model change of {ORIGIN}.\n\n"
     git(queue, "commit", "-q", "-m", message + TEST_PROVENANCE)
     result = run_script(repo, "patch-queue", "export", "--offline")
