@@ -175,6 +175,8 @@ def _verdict_on_moved_code(patch: Path, files: dict[str, bytes], gone: str) -> V
     fixed = [f.reason for f in findings if f.state == detect.FIXED]
     if fixed and all(f.state == detect.FIXED for f in findings):
         return Verdict(patch.name, FIXED, f"{'; '.join(fixed)} ({gone})")
+    if buggy := [f.reason for f in findings if f.state == detect.BUGGY]:
+        return Verdict(patch.name, CONFLICTS, f"{'; '.join(buggy)}, but {gone}: forward-port it")
     return Verdict(patch.name, CONFLICTS, gone)
 
 
