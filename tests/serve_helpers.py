@@ -188,22 +188,27 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
+def greedy_choice(server: Server, model: str, prompt, max_tokens: int, top_k: int, **extra) -> dict:
+    """The choice of a greedy /v1/completions (token ids, top_k logprobs at each step, and
+    what `extra` asks for besides)."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": top_k,
+        "return_tokens_as_token_ids": True,
+        **extra,
+    }
+    response = server.post("/v1/completions", body)
+    response.raise_for_status()
+    return response.json()["choices"][0]
+
+
 def greedy_completion(server: Server, model: str, prompt, max_tokens: int, top_k: int) -> Completion:
     """Greedy tokens of /v1/completions with the top_k logprobs at each step."""
-    response = server.post(
-        "/v1/completions",
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "logprobs": top_k,
-            "return_tokens_as_token_ids": True,
-        },
-    )
-    response.raise_for_status()
-    return parse_logprobs(response.json()["choices"][0]["logprobs"])
+    return parse_logprobs(greedy_choice(server, model, prompt, max_tokens, top_k)["logprobs"])
 
 
 @dataclass(frozen=True)
@@ -224,21 +229,7 @@ class Echoed:
 def echoed_completion(server: Server, model: str, prompt: list[int], max_tokens: int, top_k: int) -> Echoed:
     """Greedy tokens of /v1/completions with the prompt echoed: the top_k logprobs at
     every prompt and generated position but the first."""
-    response = server.post(
-        "/v1/completions",
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "logprobs": top_k,
-            "echo": True,
-            "return_tokens_as_token_ids": True,
-        },
-    )
-    response.raise_for_status()
-    logprobs = response.json()["choices"][0]["logprobs"]
+    logprobs = greedy_choice(server, model, prompt, max_tokens, top_k, echo=True)["logprobs"]
     tokens = [token_id(t) for t in logprobs["tokens"]]
     assert tokens[: len(prompt)] == prompt and logprobs["top_logprobs"][0] is None, logprobs
     top = [{token_id(t): lp for t, lp in step.items()} for step in logprobs["top_logprobs"][1:]]

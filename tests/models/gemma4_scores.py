@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from serve_helpers import greedy_choice
 
 PROMPTS = ["The quick brown fox", "Hello, world!", "Mixture of experts: ", "Grüße ✓"]
 MAX_TOKENS, TOP_K = 16, 5
@@ -41,21 +42,7 @@ class Scored:
 
 def served(server, model: str, prompt: list[int], max_tokens: int, top_k: int) -> Scored:
     """Greedy completion of token ids with prompt and sampled top-k logprobs."""
-    response = server.post(
-        "/v1/completions",
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "logprobs": top_k,
-            "prompt_logprobs": top_k,
-            "return_tokens_as_token_ids": True,
-        },
-    )
-    response.raise_for_status()
-    choice = response.json()["choices"][0]
+    choice = greedy_choice(server, model, prompt, max_tokens, top_k, prompt_logprobs=top_k)
     logprobs = choice["logprobs"]
     generated = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
     top = {
