@@ -147,6 +147,17 @@ READS_RESIDUAL = ("q_proj", "k_proj", "v_proj", "mlp.gate_proj", "mlp.up_proj", 
 WRITES_RESIDUAL = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 
+def set_experts_activation(model, activation: str) -> None:
+    """Give a transformers Gemma4 model's MoE experts (only) the activation named
+    `activation` in transformers' ACT2FN."""
+    from transformers.activations import ACT2FN
+
+    experts = [m for m in model.modules() if type(m).__name__ == "Gemma4TextExperts"]
+    assert experts, f"{type(model).__name__} has no Gemma4TextExperts"
+    for module in experts:
+        module.act_fn = ACT2FN[activation]
+
+
 def make_model(seed: int):
     """The transformers model with every parameter drawn from a generator seeded with `seed`."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig

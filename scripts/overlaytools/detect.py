@@ -124,14 +124,7 @@ def wna16_moe_activation(source: str) -> Finding:
     apply = _method(ast.parse(source), "MoeWNA16Method", "apply")
     if apply is None:
         return Finding(UNKNOWN, "MoeWNA16Method has no apply")
-    passes = [
-        call
-        for call in ast.walk(apply)
-        if isinstance(call, ast.Call)
-        and any(
-            kw.arg == "activation" and ast.unparse(kw.value) == "layer.activation" for kw in call.keywords
-        )
-    ]
+    passes = _passes_layer_activation(apply)
     asserts_silu = any(isinstance(n, ast.Assert) and "SILU" in ast.unparse(n.test) for n in ast.walk(apply))
     if passes and not asserts_silu:
         return Finding(FIXED, "MoeWNA16Method.apply hands layer.activation to the experts")
@@ -146,6 +139,35 @@ def wna16_moe_activation(source: str) -> Finding:
 # AutoWeightsLoader and WeightsMapper entries; it reports the compressed-tensors
 # cyankiwi/gemma-4-26B-A4B-it-AWQ-4bit served with that loader.
 _GENERIC_LOADER = "Gemma4Model.load_weights hands every tensor to AutoWeightsLoader (upstream #55911)"
+
+
+def awq_marlin_moe_activation(source: str) -> Finding:
+    """The AWQ MoE method's apply must hand the layer's activation to the kernel it
+    calls; 0.19.1's fused_marlin_moe call leaves it at the SiLU default."""
+    tree = ast.parse(source)
+    found = [(cls, m) for cls in _AWQ_MOE_METHODS if (m := _method(tree, cls, "apply"))]
+    if not found:
+        return Finding(UNKNOWN, f"none of {', '.join(_AWQ_MOE_METHODS)} has an apply")
+    cls, apply = found[0]
+    if _passes_layer_activation(apply):
+        return Finding(FIXED, f"{cls}.apply hands layer.activation to the experts")
+    if any(isinstance(n, ast.Call) and _last_name(n.func) == "fused_marlin_moe" for n in ast.walk(apply)):
+        return Finding(BUGGY, f"{cls}.apply calls fused_marlin_moe with its default activation, SiLU")
+    return Finding(UNKNOWN, f"{cls}.apply hands no activation to any call")
+
+
+# By 0.33.0 (the newest release read) it is AutoAWQMoEMethod, in quantization/auto_awq.py.
+_AWQ_MOE_METHODS = ("AWQMarlinMoEMethod", "AutoAWQMoEMethod")
+
+
+def _passes_layer_activation(func: ast.FunctionDef) -> bool:
+    return any(
+        isinstance(call, ast.Call)
+        and any(
+            kw.arg == "activation" and ast.unparse(kw.value) == "layer.activation" for kw in call.keywords
+        )
+        for call in ast.walk(func)
+    )
 
 
 def _delegates_to_auto_loader(load: ast.FunctionDef) -> bool:
@@ -241,6 +263,13 @@ DETECTORS = {
     "https://github.com/vllm-project/vllm/pull/42027": (
         "vllm/model_executor/layers/quantization/moe_wna16.py",
         wna16_moe_activation,
+    ),
+    "https://github.com/vllm-project/vllm/pull/42483": (
+        (
+            "vllm/model_executor/layers/quantization/awq_marlin.py",
+            "vllm/model_executor/layers/quantization/auto_awq.py",
+        ),
+        awq_marlin_moe_activation,
     ),
     # From 0.24.0 (the parser-engine rewrite) the argument parsers live in vllm/parser/.
     "https://github.com/vllm-project/vllm/pull/41991": (

@@ -13,6 +13,7 @@ import copy
 import statistics
 from dataclasses import dataclass
 
+import tiny_gemma4
 import torch
 from serve_helpers import Echoed
 
@@ -22,28 +23,22 @@ GELUS = {"tanh": "gelu_pytorch_tanh", "exact": "gelu"}
 
 def with_expert_gelu(model: torch.nn.Module, gelu: str) -> torch.nn.Module:
     """A copy of a transformers Gemma4 model whose MoE experts (only) use `gelu`."""
-    from transformers.activations import ACT2FN
-
     model = copy.deepcopy(model)
-    experts = [m for m in model.modules() if type(m).__name__ == "Gemma4TextExperts"]
-    assert experts, f"{type(model).__name__} has no Gemma4TextExperts"
-    for module in experts:
-        module.act_fn = ACT2FN[GELUS[gelu]]
+    tiny_gemma4.set_experts_activation(model, GELUS[gelu])
     return model
 
 
 @dataclass(frozen=True)
 class Reference:
-    """A transformers causal LM, run with float32 GEMMs in float32 or, with `tf32`, in
-    TF32 (what Hopper's tensor cores do with float32 operands)."""
+    """A transformers causal LM, run in its dtype with full-precision float32 GEMMs (no
+    TF32)."""
 
     model: torch.nn.Module
-    tf32: bool = False
 
     def logprobs(self, tokens: list[int]) -> torch.Tensor:
         """Row j - 1: the float64 log-softmax over the vocabulary at position j."""
         previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if self.tf32 else "highest")
+        torch.set_float32_matmul_precision("highest")
         try:
             with torch.no_grad():
                 logits = self.model(torch.tensor([tokens], device=self.model.device)).logits[0, :-1]
@@ -61,6 +56,20 @@ def between(served: Echoed, first: torch.Tensor, second: torch.Tensor) -> list[f
     """|first - second| at the logprobs the server returned: two references compared
     where the server was."""
     return [abs(float(first[j, t] - second[j, t])) for j, step in enumerate(served.top) for t in step]
+
+
+def served_apart(served: Echoed, other: Echoed) -> list[float]:
+    """|served - other|, two servers' logprobs, at every (position, token) both returned
+    from the same prefix (up to the first position where their tokens part)."""
+    same = next(
+        (j for j, (a, b) in enumerate(zip(served.tokens, other.tokens)) if a != b), len(served.tokens)
+    )
+    return [
+        abs(lp - other.top[j][t])
+        for j, step in enumerate(served.top[:same])
+        for t, lp in step.items()
+        if t in other.top[j]
+    ]
 
 
 def greedy_gaps(served: Echoed, reference: torch.Tensor) -> list[tuple[int, float]]:

@@ -54,6 +54,13 @@ def distributed(workdir: Path) -> Iterator[None]:
         destroy_distributed_environment()
 
 
+def construct(make: Callable[[], torch.nn.Module], config: VllmConfig) -> torch.nn.Module:
+    """make() on the GPU in the config's dtype, nothing loaded (vLLM picks the layer's
+    kernels here)."""
+    with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype), CUDA:
+        return make()
+
+
 def build(
     make: Callable[[], torch.nn.Module],
     config: VllmConfig,
@@ -61,8 +68,7 @@ def build(
 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """make() on the GPU in the config's dtype, its weights set by load() and then
     processed as the engine does; also float64 CPU copies of the weights load() set."""
-    with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype), CUDA:
-        layer = make()
+    layer = construct(make, config)
     weights = {name: w.cpu() for name, w in load(layer).items()}
     process_weights_after_loading(layer, config.model_config, CUDA)
     return layer, weights

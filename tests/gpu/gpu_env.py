@@ -72,6 +72,15 @@ def unavailable() -> str:
     return ""
 
 
+def server_logs(fallback: Path) -> Path:
+    """Where a test's server logs go: OUT_ENV/server-logs if set (they come back with
+    the run's results), else `fallback`."""
+    if out := out_dir():
+        (out / "server-logs").mkdir(parents=True, exist_ok=True)
+        return out / "server-logs"
+    return fallback
+
+
 def record(what: str, **values) -> None:
     """Appends one measurement (a JSON line) to OUT_ENV/measurements.jsonl, if set."""
     if out := out_dir():

@@ -57,7 +57,7 @@ def test_transformers_table(tmp_path):
         "to_tanh": {"max": 0.0021, "mean": 0.00031},
         "to_exact": {"max": 0.68, "mean": 0.037},
         "transformers_tanh_to_exact": {"max": 0.68, "mean": 0.037},
-        "transformers_rounding": {"as": "tf32", "max": 0.004, "mean": 0.0005},
+        "rounding": {"as": "tf32-vs-ieee-dots", "max": 0.004, "mean": 0.0005},
         "atol": {"max": 0.05, "mean": 0.005},
         "greedy_equal": True,
         "greedy_gaps": {},
@@ -81,8 +81,14 @@ def test_transformers_table(tmp_path):
     assert header.count("|") == rule.count("|") == first.count("|") == 11
     assert first == (
         "| patched | gemma-fp32-eager | tanh | 0.0021 / 0.00031 | 0.68 / 0.037 | 0.05 / 0.005 | equal "
-        "| 0.68 / 0.037 | tf32 0.004 / 0.0005 | tanh |"
+        "| 0.68 / 0.037 | tf32-vs-ieee-dots 0.004 / 0.0005 | tanh |"
     )
     assert '| near-tie flips: {"Hello, world!": [[3, 0.02]]} |' in second
     assert second.endswith("| none (hidden by rounding) |")
     assert serve_outputs.transformers_table([]) == []
+
+
+@pytest.mark.fast
+def test_no_outputs_is_nothing_to_compare(tmp_path):
+    (line,) = serve_outputs.compare({"patched": tmp_path / "patched", "pristine": tmp_path / "pristine"})
+    assert not line.startswith("FAIL"), line

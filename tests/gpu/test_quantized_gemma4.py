@@ -6,15 +6,18 @@ process's variant, bfloat16, eager.
   vllm#40247's KeyError (..._proj_packed) and the ModelOpt NVFP4 one with the
   doubled .moe.moe. prefix of PR #41206. The AWQ checkpoint's per-expert
   .qweight/.qzeros/.scales names are the ones 0.19.1 already maps: it loads on
-  every variant (the patched mapping must keep doing so).
+  every variant (the patched mapping must keep doing so), but without PR #42483
+  its Marlin MoE runs SiLU experts, whatever the model's activation.
 - Where it loads, the server answers, and vLLM names the MoE method it picked on
   Hopper: CompressedTensorsWNA16MarlinMoEMethod, awq_marlin's MoE, NVFP4 through
   Marlin (FlashInfer's NVFP4 backends are switched off: the kit has no FlashInfer).
 - Its greedy logprobs agree with transformers' float64 run of the same model with
-  the experts dequantized (the quantization's own error is thus not in the
-  comparison, only the GPU's bfloat16 arithmetic); and their top logprobs are closer
-  to that than the float model's are, which measures the quantization's error
-  beside the noise.
+  the experts dequantized and running what this variant's experts should run (the
+  quantization's own error is thus not in the comparison, only the GPU's bfloat16
+  arithmetic); and their top logprobs are closer to that than the float model's are,
+  which measures the quantization's error beside the noise. For AWQ they are also
+  further from the reference with the other activation (SiLU, or the model's GELU
+  where the variant lacks #42483).
 
 Also: online dynamic FP8 Gemma4MoE at 26B-A4B's sizes keeps the TRITON FP8 MoE
 backend that it has on pristine 0.19.1.
@@ -56,6 +59,8 @@ import tiny_gemma4  # noqa: E402
 
 PACKED_FIX = fix_of("https://github.com/vllm-project/vllm/pull/40708")
 PREFIX_FIX = fix_of("https://github.com/vllm-project/vllm/pull/41206")
+AWQ_ACTIVATION_FIX = fix_of("https://github.com/vllm-project/vllm/pull/42483")
+TANH_FIX = fix_of("https://github.com/vllm-project/vllm/pull/41574")
 # format -> (the fix its load needs or None, pristine's symptom, the log line of the MoE method)
 FORMATS = {
     "w4a16": (
@@ -64,8 +69,10 @@ FORMATS = {
         "Using CompressedTensorsWNA16MarlinMoEMethod",
     ),
     "awq": (None, "", "awq_marlin"),
-    "nvfp4": (PREFIX_FIX, r"KeyError: '\S*\.moe\.moe\.experts\.\d+\.", "Using 'marlin' NvFp4 MoE backend"),
+    "nvfp4": (PREFIX_FIX, r"KeyError: '\S*\.moe\.moe\.experts\.\d+\.", "Using 'MARLIN' NvFp4 MoE backend"),
 }
+# What AWQ logs where its Marlin MoE does not take the layer (it would run MoeWNA16).
+AWQ_FALLBACK = "is not supported by AWQMoeMarlin"
 PROMPT = [tiny_gemma4.token_id("<bos>"), *b"The quick brown fox"]
 MAX_TOKENS, TOP_K = 8, 5
 # bfloat16 activations and the Marlin GEMMs against float64, over two layers: the
@@ -92,8 +99,21 @@ def checkpoints(tmp_path_factory) -> Path:
     return out
 
 
-def reference(state: dict[str, torch.Tensor]) -> Completion:
-    """transformers' greedy run of the tiny Gemma4 with these weights, float64, CPU."""
+def model_gelu() -> str:
+    """The experts' GELU of this variant's Gemma4MoE (transformers' ACT2FN name): tanh
+    with #41574, pristine's exact GELU without."""
+    return "gelu_pytorch_tanh" if has_fix(TANH_FIX) else "gelu"
+
+
+def experts_activation(fmt: str) -> str:
+    """What this variant's quantized experts compute: the model's GELU, except AWQ's
+    Marlin MoE without #42483, which runs SiLU."""
+    return "silu" if fmt == "awq" and not has_fix(AWQ_ACTIVATION_FIX) else model_gelu()
+
+
+def reference(state: dict[str, torch.Tensor], activation: str) -> Completion:
+    """transformers' greedy run of the tiny Gemma4 with these weights and experts'
+    activation, float64, CPU."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     config = Gemma4TextConfig(**tiny_gemma4.CONFIG)
@@ -101,6 +121,7 @@ def reference(state: dict[str, torch.Tensor]) -> Completion:
     model = Gemma4ForCausalLM(config).double().eval()
     model.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
     model.tie_weights()
+    tiny_gemma4.set_experts_activation(model, activation)
     return transformers_greedy(model, PROMPT, MAX_TOKENS, TOP_K)
 
 
@@ -124,7 +145,7 @@ def test_quantized_checkpoint(checkpoints, tmp_path, fmt):
         "--served-model-name",
         fmt,
     ]
-    server = start_server([*command, *FLAGS], tmp_path / f"{fmt}.log", env)
+    server = start_server([*command, *FLAGS], gpu_env.server_logs(tmp_path) / f"quantized-{fmt}.log", env)
     try:
         if not has_fix(fix):
             with pytest.raises(RuntimeError, match="server exited"):
@@ -135,19 +156,27 @@ def test_quantized_checkpoint(checkpoints, tmp_path, fmt):
         got = greedy_completion(server, fmt, PROMPT, MAX_TOKENS, TOP_K)
     finally:
         stop(server)
-    assert method in server.log.read_text(errors="replace"), server.log_tail()
+    log = server.log.read_text(errors="replace")
+    assert method in log and AWQ_FALLBACK not in log, server.log_tail()
 
     source = checkpoints / tiny_gemma4.NAME
     from safetensors.torch import load_file
 
     float_state = load_file(source / "model.safetensors")
     _, dequantized = quantized_gemma4.quantize(float_state, fmt)
-    expected, unquantized = reference(dequantized), reference(float_state)
+    activation = experts_activation(fmt)
+    expected, unquantized = reference(dequantized, activation), reference(float_state, activation)
     noise, signal = mean_logprob_gap(got, expected), mean_logprob_gap(unquantized, expected)
-    gpu_env.record("quantized-gemma4", format=fmt, method=method, mean_gap=noise, quantization_error=signal)
-    print(json.dumps({"format": fmt, "vllm_vs_dequantized": noise, "float_vs_dequantized": signal}))
+    gaps = {"vllm_vs_dequantized": noise, "float_vs_dequantized": signal}
+    if fmt == "awq":  # the activation the experts would run with the other variant
+        other = model_gelu() if activation == "silu" else "silu"
+        gaps[f"vllm_vs_dequantized_{other}"] = mean_logprob_gap(got, reference(dequantized, other))
+    gpu_env.record("quantized-gemma4", format=fmt, method=method, activation=activation, **gaps)
+    print(json.dumps({"format": fmt, "activation": activation, **gaps}))
     assert_logprobs_close(expected, got, LOGPROB_ATOL)
     assert noise < signal / 2, (noise, signal)
+    if fmt == "awq":
+        assert noise < gaps[f"vllm_vs_dequantized_{other}"] / 2, gaps
 
 
 def test_online_fp8_gemma4_moe_keeps_the_triton_backend(tmp_path):
@@ -166,12 +195,13 @@ def test_online_fp8_gemma4_moe_keeps_the_triton_backend(tmp_path):
     config = VllmConfig(model_config=model_config, quant_config=Fp8Config())
     module = importlib.import_module("vllm.model_executor.models.gemma4")
     with cuda_layers.distributed(tmp_path):
-        layer, _ = cuda_layers.build(
+        # Online FP8 makes its weights on the meta device (materialized while loading a
+        # checkpoint); the backend is picked at construction.
+        layer = cuda_layers.construct(
             lambda: module.Gemma4MoE(
                 hf_config, quant_config=config.quant_config, prefix="model.layers.0.moe"
             ),
             config,
-            cuda_layers.random_weights(0),
         )
         backend = layer.experts.quant_method.fp8_backend
     gpu_env.record("online-fp8-gemma4-moe", backend=backend.value)

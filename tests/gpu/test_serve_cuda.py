@@ -54,7 +54,7 @@ PLAIN, SHARED, GEMMA = "qwen3-moe-tiny", "qwen3-moe-tiny-shared", "gemma4-moe-ti
 MODEL_MODULES = {PLAIN: "qwen3_moe", SHARED: "qwen3_moe", GEMMA: "gemma4"}  # in vllm.model_executor.models
 PROMPTS = ["The quick brown fox", "Hello, world!", "Mixture of experts: ", "Grüße ✓"]
 MAX_TOKENS, TOP_K = 16, 5
-STARTUP_TIMEOUT = 420.0  # 24 servers may start at once (eight per variant)
+STARTUP_TIMEOUT = 420.0  # 27 servers may start at once (nine per variant)
 # Each server's share of the GPU: several servers per process, three processes at once.
 # A fixed KV cache skips vLLM's memory profiling, whose free-memory check assumes no
 # other process on the GPU changes its usage meanwhile.
@@ -71,11 +71,18 @@ GPU_FLAGS = [
 # float32 in vLLM's Triton kernels runs TF32 on Hopper: logprobs against transformers'
 # float32 agree to about 1e-2, not to the 1e-3 of the CPU tests.
 TRANSFORMERS_LOGPROB_ATOL = 5e-2
+# Triton's tl.dot in IEEE float32 (TRITON_F32_DEFAULT=ieee) leaves float32 rounding alone:
+# on the CPU, vLLM's float32 gemma4-moe-tiny is at most 1.7e-4 (mean 1.4e-5) from
+# transformers' float64 (benchmarks/gemma4-precision, TESTING.md).
+IEEE_LOGPROB_ATOL = 1e-3
 # Gemma4 servers against transformers' float32: the largest and the mean deviation within
-# this many times those of transformers' own run of the checkpoint at the server's precision
-# (TF32 GEMMs for float32, bfloat16) from its float32 one, and at least within
-# TRANSFORMERS_LOGPROB_ATOL (mean: a tenth of it). The Gemma4 checkpoint's weights are large,
-# so that the two GELUs give different logits: the rounding grows through its layers too.
+# this many times the rounding at the server's precision, and at least within the floor of
+# that precision (TRANSFORMERS_LOGPROB_ATOL, IEEE_LOGPROB_ATOL; mean: a tenth of it). The
+# rounding: bfloat16, transformers' own bfloat16 run from its float32 one; float32 with
+# IEEE dots, transformers' own float32 from its float64; float32 as vLLM runs it (TF32
+# Triton dots), this server from the one with IEEE dots (FP32_IEEE), the same code.
+# The Gemma4 checkpoint's weights are large, so that the two GELUs give different logits:
+# the rounding grows through its layers too.
 ROUNDING_FACTOR = 4.0
 # A model-level GELU verdict only where transformers' two GELU references differ by at
 # least this many times the served model's mean deviation from the nearer one.
@@ -90,13 +97,18 @@ class Setup:
     checkpoint: str
     dtype: str
     eager: bool
+    env: tuple[tuple[str, str], ...] = ()  # the server's extra environment
 
     @property
     def flags(self) -> list[str]:
         return ["--dtype", self.dtype, *GPU_FLAGS, *(["--enforce-eager"] if self.eager else [])]
 
 
-# Eager and compiled with CUDA graphs, float32 and bfloat16: eight servers per variant.
+# Every Triton tl.dot of the server in IEEE float32 instead of TF32.
+IEEE_DOTS = (("TRITON_F32_DEFAULT", "ieee"),)
+FP32_IEEE = "gemma-fp32ieee-eager"
+# Eager and compiled with CUDA graphs, float32 and bfloat16, and Gemma4 in float32 with
+# IEEE dots: nine servers per variant.
 SETUPS = {
     "routed-fp32-eager": Setup(PLAIN, "float32", eager=True),
     "shared-fp32-graphs": Setup(SHARED, "float32", eager=False),
@@ -106,6 +118,7 @@ SETUPS = {
     "gemma-fp32-graphs": Setup(GEMMA, "float32", eager=False),
     "gemma-bf16-eager": Setup(GEMMA, "bfloat16", eager=True),
     "gemma-bf16-graphs": Setup(GEMMA, "bfloat16", eager=False),
+    FP32_IEEE: Setup(GEMMA, "float32", eager=True, env=IEEE_DOTS),
 }
 # Served with the prompt echoed (prompt and greedy logprobs), for transformers' comparison.
 ECHOED = [name for name, setup in SETUPS.items() if setup.checkpoint == GEMMA]
@@ -142,10 +155,7 @@ def checkpoints(tmp_path_factory) -> Path:
 
 
 def logs_dir(tmp_path_factory) -> Path:
-    if out := gpu_env.out_dir():
-        (out / "server-logs").mkdir(parents=True, exist_ok=True)
-        return out / "server-logs"
-    return tmp_path_factory.mktemp("server-logs")
+    return gpu_env.server_logs(tmp_path_factory.mktemp("server-logs"))
 
 
 def serve_command(model: Path, setup: Setup) -> list[str]:
@@ -201,7 +211,9 @@ def fleet(checkpoints, tmp_path_factory) -> dict[str, Served]:
     for name, setup in SETUPS.items():
         fleet[name] = Served(logs / f"{name}.log")
         # A compile cache of its own: servers of two variants may compile the same code at once.
-        own_env = {**env, "VLLM_CACHE_ROOT": str(caches / name)}
+        own_env = {**env, **dict(setup.env), "VLLM_CACHE_ROOT": str(caches / name)}
+        if setup.env:  # Triton's cache key leaves out TRITON_F32_DEFAULT
+            own_env["TRITON_CACHE_DIR"] = str(caches / name / "triton")
         servers[name] = start_server(
             serve_command(checkpoints / setup.checkpoint, setup), fleet[name].log, own_env
         )
@@ -283,8 +295,8 @@ def test_routed_checkpoint_matches_transformers_on_the_gpu(fleet, checkpoints):
 @pytest.fixture(scope="module")
 def gemma4_references(checkpoints) -> dict[str, against.Reference]:
     """transformers' Gemma4 of the checkpoint on the GPU, plain eager code: float32 with
-    tanh-GELU experts (the checkpoint's) and with exact-GELU experts; and the rounding an
-    implementation meets, with tanh GELU: float32 with TF32 GEMMs, and bfloat16."""
+    tanh-GELU experts (the checkpoint's) and with exact-GELU experts; and, with tanh GELU,
+    the rounding yardsticks: float64 and bfloat16."""
 
     def load(dtype: torch.dtype) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(
@@ -292,14 +304,28 @@ def gemma4_references(checkpoints) -> dict[str, against.Reference]:
         )
         return model.to("cuda").eval()
 
-    fp32, bf16 = load(torch.float32), load(torch.bfloat16)
+    fp32, bf16, fp64 = load(torch.float32), load(torch.bfloat16), load(torch.float64)
     tanh = against.with_expert_gelu(fp32, "tanh")
     return {
         "tanh": against.Reference(tanh),
         "exact": against.Reference(against.with_expert_gelu(fp32, "exact")),
-        "fp32": against.Reference(tanh, tf32=True),
         "bf16": against.Reference(against.with_expert_gelu(bf16, "tanh")),
+        "fp64": against.Reference(against.with_expert_gelu(fp64, "tanh")),
     }
+
+
+def rounding(fleet, name: str, rows: dict[str, list[torch.Tensor]]) -> tuple[str, against.Spread, float]:
+    """(what, spread, floor): the rounding yardstick of setup `name` (ROUNDING_FACTOR) at
+    the logprobs its server returned, and the tolerance's floor."""
+    setup, run = SETUPS[name], fleet[name]
+    echoed = list(enumerate(run.echoed))
+    if setup.dtype == "bfloat16" or setup.env:
+        other, what = ("bf16", "bf16") if setup.dtype == "bfloat16" else ("fp64", "fp32-vs-fp64")
+        values = [d for i, e in echoed for d in against.between(e, rows["tanh"][i], rows[other][i])]
+        return what, against.Spread.of(values), IEEE_LOGPROB_ATOL if setup.env else TRANSFORMERS_LOGPROB_ATOL
+    ieee = fleet[FP32_IEEE].require()
+    values = [d for i, e in echoed for d in against.served_apart(e, ieee.echoed[i])]
+    return "tf32-vs-ieee-dots", against.Spread.of(values), TRANSFORMERS_LOGPROB_ATOL
 
 
 @pytest.mark.parametrize("name", ECHOED)
@@ -310,7 +336,7 @@ def test_gemma4_matches_transformers_on_the_gpu(fleet, gemma4_references, name):
     the greedy tokens are transformers' but where transformers' own top two lie within that
     tolerance. Deviations from both GELUs' references are recorded, with a model-level GELU
     verdict only where they show one."""
-    run, setup = fleet[name].require(), SETUPS[name]
+    run = fleet[name].require()
     rows = {
         ref: [reference.logprobs(e.tokens) for e in run.echoed]
         for ref, reference in gemma4_references.items()
@@ -323,13 +349,9 @@ def test_gemma4_matches_transformers_on_the_gpu(fleet, gemma4_references, name):
     signal = against.Spread.of(
         [d for i, e in echoed for d in against.between(e, rows["tanh"][i], rows["exact"][i])]
     )
-    rounding_ref = "fp32" if setup.dtype == "float32" else "bf16"
-    rounding = against.Spread.of(
-        [d for i, e in echoed for d in against.between(e, rows["tanh"][i], rows[rounding_ref][i])]
-    )
+    what, spread, floor = rounding(fleet, name, rows)
     atol = against.Spread(
-        max(TRANSFORMERS_LOGPROB_ATOL, ROUNDING_FACTOR * rounding.max),
-        max(TRANSFORMERS_LOGPROB_ATOL / 10, ROUNDING_FACTOR * rounding.mean),
+        max(floor, ROUNDING_FACTOR * spread.max), max(floor / 10, ROUNDING_FACTOR * spread.mean)
     )
     gaps = {i: against.greedy_gaps(e, rows[GEMMA4_GELU][i]) for i, e in echoed}
     gelu_verdict = against.verdict(to, signal, GELU_VERDICT_FACTOR)
@@ -340,7 +362,7 @@ def test_gemma4_matches_transformers_on_the_gpu(fleet, gemma4_references, name):
         values=sum(len(step) for e in run.echoed for step in e.top),
         **{f"to_{gelu}": spread.as_dict() for gelu, spread in to.items()},
         transformers_tanh_to_exact=signal.as_dict(),
-        transformers_rounding={"as": "tf32" if rounding_ref == "fp32" else "bf16", **rounding.as_dict()},
+        rounding={"as": what, **spread.as_dict()},
         atol=atol.as_dict(),
         greedy_equal=not any(gaps.values()),
         greedy_gaps={PROMPTS[i]: g for i, g in gaps.items() if g},

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import tiny_gemma4
 import torch
 from serve_helpers import greedy_choice
 
@@ -84,12 +85,9 @@ def per_expert_scales(model, scales: list[list[float]] | None) -> Iterator[None]
 @contextmanager
 def experts_activation(model, activation: str) -> Iterator[None]:
     """transformers' Gemma4 model with only its experts' activation replaced."""
-    from transformers.activations import ACT2FN
-
     experts = [layer.experts for layer in model.model.layers]
     saved = [e.act_fn for e in experts]
-    for e in experts:
-        e.act_fn = ACT2FN[activation]
+    tiny_gemma4.set_experts_activation(model, activation)
     try:
         yield
     finally:

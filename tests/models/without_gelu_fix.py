@@ -24,7 +24,7 @@ from series_helpers import PATCHES, TEST_PROVENANCE, files_of, provenance
 ORIGIN = "https://github.com/vllm-project/vllm/pull/41574"
 (TANH_GELU_FIX,) = [p for p in PATCHES if provenance(p)["Origin"].endswith(ORIGIN)]
 MODEL_FILES = [rel for rel in files_of(TANH_GELU_FIX) if rel.startswith("vllm/model_executor/models/")]
-LABEL = re.sub(r"\d+$", lambda m: str(int(m[0]) + 1), LOCK.label)  # moefix.3 -> moefix.4
+LABEL = re.sub(r"\d+$", lambda m: str(int(m[0]) + 1), LOCK.label)  # moefix.4 -> moefix.5
 
 
 def build(scratch: Path) -> Path:
