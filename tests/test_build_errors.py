@@ -207,6 +207,9 @@ def test_interrupted_build_leaves_no_partial_wheel(tmp_path, sig):
         [str(REPO / "build.sh"), "--offline", "--flavour", "cuda", "--arch", "x86_64", "--out-dir", str(out)],
         stderr=subprocess.PIPE,
         text=True,
+        # A suite started in the background (`sh -c '...' &`) hands its children SIGINT
+        # ignored, and Python keeps it so: the build under test gets the default back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not list(out.parent.glob(f".{out.name}.staging-*/*.whl")):  # while a wheel is written
